@@ -1,0 +1,191 @@
+"""Every constant of RAIN in one validated, immutable object.
+
+Symbols follow Li et al., "RAIN: Your Language Models Can Align Themselves
+without Finetuning" (ICLR 2024); defaults follow the paper, or the authors'
+reference code where the paper is silent (see ``shared/RAIN.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared_core.errors import RainConfigError
+
+__all__ = ["RainConfig", "build_config"]
+
+
+class RainConfig(BaseModel):
+    """Search and decoding settings. Invalid values fail at construction."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # --- Selection (PUCT) -------------------------------------------------------------
+    c: float = Field(2.0, ge=0.0)
+    """Exploration constant *c* of the PUCT rule (paper: 2). ``0`` disables exploration."""
+    unvisited_value: float = Field(0.0, ge=0.0, le=1.0)
+    """Normalised value an unvisited child counts with during selection (reference code: 0)."""
+
+    # --- Expansion ----------------------------------------------------------------------
+    num_candidates: int = Field(10, ge=1, le=64)
+    """Candidate token sets per expansion, *k* (reference code: about 10)."""
+    token_set_lengths: tuple[int, ...] = (1, 2, 4, 10)
+    """Token-set length by depth below the current root; the last entry repeats."""
+    expansion_top_k: int = Field(15, ge=1)
+    """Sample multi-token candidates from the top-k distribution (reference code: 15)."""
+    expansion_temperature: float = Field(1.0, gt=0.0)
+    """Temperature for sampling multi-token candidates (reference code: 1)."""
+    root_prior_mix: float = Field(0.25, ge=0.0, le=1.0)
+    """Weight of the uniform prior mixed into the root's children: (1-w)·p + w/k (code: 0.25)."""
+
+    # --- Simulation ---------------------------------------------------------------------
+    simulate: bool = True
+    """Extend a leaf to the end of its clause before it is evaluated (reference code)."""
+    clause_delimiters: tuple[str, ...] = (",", ".", "?", ":", ";", "!", "\n")
+    """A rollout stops after a token containing one of these (end of the current clause)."""
+    simulation_max_tokens: int = Field(24, ge=0)
+    """Upper bound on the tokens one rollout may add."""
+    simulation_top_k: int = Field(15, ge=1)
+    """Top-k for sampling rollout tokens."""
+    simulation_temperature: float = Field(1.0, gt=0.0)
+    """Temperature for sampling rollout tokens."""
+
+    # --- Similarity update (paper §3, Eq. 3) --------------------------------------------
+    similarity_update: bool = True
+    """Let siblings learn from a rollout whose embedding is similar (ablation switch)."""
+    gamma_s: float = Field(0.2, ge=0.0, le=1.0)
+    """γ_s, weight of a similarity update (paper: 0.2)."""
+    similarity_threshold: float = Field(0.95, ge=-1.0, le=1.0)
+    """Cosine similarity above which a sibling is updated (reference code: 0.95)."""
+
+    # --- Dynamic node addition ----------------------------------------------------------
+    dynamic_addition: bool = True
+    """Add candidates to a node whose children look alike and all score low (ablation)."""
+    dynamic_max_children: int = Field(20, ge=1)
+    """No addition once a node has this many children (reference code: 20)."""
+    dynamic_variance_factor: float = Field(0.03, ge=0.0)
+    """Fire when ‖Var(children embeddings)‖ < factor × token-set length (code: 0.03)."""
+    dynamic_value_threshold: float = Field(0.0, ge=-1.0, le=1.0)
+    """…and the best child value is below this (reference code: 0)."""
+    dynamic_addition_count: int = Field(1, ge=1)
+    """How many candidates one addition brings."""
+
+    # --- Commit (outer loop) ------------------------------------------------------------
+    T: int = Field(50, ge=1)
+    """Commit once the root has this many visits (reference code: 50)."""
+    min_new_iterations: int = Field(15, ge=1)
+    """…but only after at least this many new iterations on the current root (code: 15)."""
+    T_m: int = Field(6, ge=1)
+    """Early commit allowed after T_m iterations if the best child scores ≥ V (code: 6)."""
+    V: float = Field(0.8, ge=-1.0, le=1.0)
+    """Value threshold V of the early commit (reference code: 0.8)."""
+    greedy_early_commit: bool = False
+    """Fast path: commit the greedy child as soon as its first evaluation is ≥ V."""
+
+    # --- Decoding limits and stops ------------------------------------------------------
+    max_new_tokens: int = Field(256, ge=1)
+    """Maximum number of response tokens."""
+    stop: tuple[str, ...] = ()
+    """Generation stops before the first of these strings (it is not returned)."""
+    seed: int = 0
+    """Seed of every random draw: same input, rubric, config and seed → same output."""
+    temperature: float = Field(0.0, ge=0.0)
+    """Vanilla decoding only: 0 is greedy, otherwise sampled at this temperature."""
+
+    # --- Budgets ------------------------------------------------------------------------
+    max_time_s: float | None = Field(None, gt=0.0)
+    """Wall-clock budget per call; when spent the search commits what it has."""
+    max_iterations: int | None = Field(None, ge=1)
+    """Cap on search iterations per call; when spent the search commits what it has."""
+    max_nodes: int | None = Field(None, ge=2)
+    """Cap on tree nodes per call; when reached the search commits what it has."""
+
+    # --- Engineering --------------------------------------------------------------------
+    reuse_cache: bool = True
+    """Reuse KV caches of shared prefixes and batch work (off: same search, recomputed)."""
+    rubric_cache_size: int = Field(8, ge=1)
+    """Rubric preambles kept computed per loaded model."""
+
+    def __init__(self, **data: Any) -> None:
+        # Re-raise pydantic's report as one error that names each field and the fix.
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise RainConfigError(_explain(exc)) from None
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> Self:
+        if not self.token_set_lengths:
+            raise ValueError("token_set_lengths must not be empty; the paper uses (1, 2, 4, 10)")
+        if any(n < 1 for n in self.token_set_lengths):
+            raise ValueError("every entry of token_set_lengths must be ≥ 1, e.g. (1, 2, 4, 10)")
+        if self.T_m > self.T:
+            raise ValueError(f"T_m ({self.T_m}) must not exceed T ({self.T}); lower T_m or raise T")
+        if self.min_new_iterations > self.T:
+            raise ValueError(
+                f"min_new_iterations ({self.min_new_iterations}) must not exceed T ({self.T})"
+            )
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        if not self.clause_delimiters or any(not d for d in self.clause_delimiters):
+            raise ValueError("clause_delimiters must be a non-empty tuple of non-empty strings")
+        return self
+
+    @classmethod
+    def fast(cls, **overrides: Any) -> RainConfig:
+        """A latency preset.
+
+        Fewer candidates (4), a smaller search per commit (T=12, at least 4 new
+        iterations, T_m=2) and ``greedy_early_commit``: when the model's own
+        greedy continuation already scores ≥ V it is committed at once. Trade-off:
+        less look-ahead, so a bad branch that only shows later is caught less often.
+        """
+        base: dict[str, Any] = {
+            "num_candidates": 4,
+            "T": 12,
+            "min_new_iterations": 4,
+            "T_m": 2,
+            "greedy_early_commit": True,
+            "simulation_max_tokens": 16,
+        }
+        base.update(overrides)
+        return cls(**base)
+
+    def merged(self, **overrides: Any) -> RainConfig:
+        """A copy with some fields replaced, validated like a new config."""
+        if not overrides:
+            return self
+        data = self.model_dump()
+        data.update(overrides)
+        return RainConfig(**data)
+
+    def token_set_length(self, depth: int) -> int:
+        """Length of the token sets created at ``depth`` below the current root."""
+        return self.token_set_lengths[min(depth, len(self.token_set_lengths) - 1)]
+
+
+def build_config(data: dict[str, Any] | RainConfig | None = None, **overrides: Any) -> RainConfig:
+    """Validate a config from a mapping, turning pydantic's report into a RainConfigError."""
+    if isinstance(data, RainConfig):
+        return data.merged(**overrides)
+    payload = dict(data or {})
+    preset = payload.pop("preset", None)
+    payload.update(overrides)
+    if preset == "fast":
+        return RainConfig.fast(**payload)
+    if preset not in (None, "default"):
+        raise RainConfigError(f"unknown config preset {preset!r}; use 'default' or 'fast'")
+    return RainConfig(**payload)
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(sorted(RainConfig.model_fields))
+            msg = f"unknown setting; known settings are: {known}"
+        lines.append(f"RainConfig.{field}: {msg} (got {err.get('input')!r})")
+    return "invalid RAIN config:\n  " + "\n  ".join(lines)

@@ -1,0 +1,291 @@
+"""Self-evaluation: the frozen model judges a candidate response by a rubric.
+
+The judge's prompt is built from fixed pieces so that each is computed once:
+
+    [rubric preamble: instructions, few-shot examples]  cached per rubric per model
+    [the user's prompt]                                  cached per request
+    [the committed response]                             cached, extended at each commit
+    [the uncommitted response: path + rollout]           read per evaluation
+    [question + options, order 1 | order 2]              the two orders run as one batch
+
+The candidate response sits inside ``<response>`` delimiters, separate from the
+judge's instruction, and the option order is swapped and averaged by default,
+so text inside a response ("Answer: (A)") cannot pick its own verdict.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shared_core.backend import LanguageModel
+from shared_core.errors import RubricError
+from shared_core.rubric import Rubric, RubricExample, RubricOption
+
+__all__ = [
+    "EvalSession",
+    "Evaluator",
+    "Judgement",
+    "SelfEvaluator",
+]
+
+_PROMPT_MARK = "[[RAIN_PROMPT]]"
+_RESPONSE_MARK = "[[RAIN_RESPONSE]]"
+_CLOSE = "</response>"
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A score in [-1, 1] plus what it was computed from (for traces)."""
+
+    score: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class EvalSession(ABC):
+    """Judges responses to one request by one rubric."""
+
+    @abstractmethod
+    def score(self, response_ids: Sequence[int], response_text: str) -> Judgement:
+        """Judge the response so far (committed + uncommitted + rollout)."""
+
+    def committed(self, response_ids: Sequence[int]) -> None:  # noqa: B027 - optional hook
+        """Hint: ``response_ids`` is now a fixed prefix of every later response."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the session kept computed."""
+
+
+class Evaluator(ABC):
+    """Creates evaluation sessions; the search never sees how scores are made."""
+
+    @abstractmethod
+    def session(self, rubric: Rubric, prompt_text: str, *, reuse: bool = True) -> EvalSession:
+        """A session for judging responses to ``prompt_text`` by ``rubric``."""
+
+
+# --- prompt rendering --------------------------------------------------------------------
+
+
+def _options(rubric: Rubric, swapped: bool) -> tuple[list[RubricOption], RubricOption]:
+    """Options in display order, and the option that means "good" in that order."""
+    good, bad = rubric.good, rubric.bad
+    if not swapped:
+        return [good, bad], good
+    if rubric.labels_follow_position:
+        # Positional labels stay put (A first, B second); the option texts move.
+        first = RubricOption(label=good.label, text=bad.text)
+        second = RubricOption(label=bad.label, text=good.text)
+        return [first, second], second
+    return [bad, good], good
+
+
+def _format_options(rubric: Rubric, options: list[RubricOption]) -> str:
+    if rubric.labels_follow_position:
+        return "\n".join(f"({o.label}) {o.text}" for o in options)
+    return "\n".join(f"- {o.label}: {o.text}" for o in options)
+
+
+def _case(rubric: Rubric, prompt: str, response: str) -> str:
+    parts = []
+    if rubric.include_prompt:
+        parts.append(f"User request:\n<request>\n{prompt}\n</request>\n")
+        parts.append(f"Assistant response:\n<response>\n{response}\n{_CLOSE}")
+    else:
+        parts.append(f"Text:\n<response>\n{response}\n{_CLOSE}")
+    return "\n".join(parts)
+
+
+def _question(rubric: Rubric, swapped: bool) -> str:
+    options, _ = _options(rubric, swapped)
+    return f"{rubric.question}\n{_format_options(rubric, options)}"
+
+
+def _example(rubric: Rubric, index: int, ex: RubricExample) -> str:
+    # Alternate the option order across examples so they teach no letter bias.
+    swapped = index % 2 == 1 and rubric.swap_options
+    options, good = _options(rubric, swapped)
+    answer = good.label if ex.good else next(o for o in options if o is not good).label
+    text = f"Example {index + 1}:\n{_case(rubric, ex.prompt, ex.response)}\n\n"
+    text += f"{_question(rubric, swapped)}\n{rubric.answer_prefix} {answer}".rstrip()
+    if ex.explanation:
+        text += f"\nReason: {ex.explanation}"
+    return text
+
+
+def render_judge_prompt(
+    backend: LanguageModel, rubric: Rubric, prompt: str, response: str, swapped: bool
+) -> str:
+    """The full judge prompt as text (for display and for the reuse-free reference)."""
+    body = ""
+    if rubric.examples:
+        body = "\n\n".join(_example(rubric, i, ex) for i, ex in enumerate(rubric.examples))
+        body += "\n\nNow the case to judge:\n"
+    body += f"{_case(rubric, prompt, response)}\n\n{_question(rubric, swapped)}"
+    if rubric.style == "chat" and backend.has_chat_template:
+        text = backend.render_chat(
+            [{"role": "system", "content": rubric.instruction}, {"role": "user", "content": body}]
+        )
+        return text + rubric.answer_prefix
+    return f"{rubric.instruction}\n\n{body}\n{rubric.answer_prefix}"
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Token pieces of a rubric's judge prompt, around the prompt and response."""
+
+    preamble: tuple[int, ...]  # up to the user's prompt (or to the response)
+    middle: tuple[int, ...]  # between prompt and response ('' without include_prompt)
+    tails: tuple[tuple[int, ...], ...]  # after the response, one per option order
+    good_ids: tuple[frozenset[int], ...]  # per order: first tokens meaning "good"
+    bad_ids: tuple[frozenset[int], ...]
+
+
+def _label_tokens(backend: LanguageModel, label: str) -> frozenset[int]:
+    """First tokens by which the model may start writing ``label``."""
+    variants = {label, label.strip(), label.capitalize(), label.lower()}
+    ids: set[int] = set()
+    for v in variants:
+        for text in (v, " " + v):
+            toks = backend.encode(text)
+            if toks:
+                ids.add(toks[0])
+    return frozenset(ids)
+
+
+def build_layout(backend: LanguageModel, rubric: Rubric) -> _Layout:
+    orders = (False, True) if rubric.swap_options else (False,)
+    texts = [render_judge_prompt(backend, rubric, _PROMPT_MARK, _RESPONSE_MARK, s) for s in orders]
+    heads, tails = [], []
+    for text in texts:
+        head, _, tail = text.partition(_RESPONSE_MARK)
+        heads.append(head)
+        tails.append(tail)
+    head = heads[0]
+    if rubric.include_prompt:
+        pre, _, mid = head.partition(_PROMPT_MARK)
+    else:
+        pre, mid = head, ""
+    good_ids, bad_ids = [], []
+    for swapped in orders:
+        options, good = _options(rubric, swapped)
+        bad = next(o for o in options if o is not good)
+        g, b = _label_tokens(backend, good.label), _label_tokens(backend, bad.label)
+        if g & b:
+            raise RubricError(
+                f"rubric {rubric.name!r}: labels {good.label!r} and {bad.label!r} begin with "
+                "the same token for this tokenizer, so they cannot be told apart; choose labels "
+                "whose first tokens differ (e.g. 'A'/'B' or 'yes'/'no')"
+            )
+        good_ids.append(g)
+        bad_ids.append(b)
+    return _Layout(
+        preamble=tuple(backend.encode(pre)),
+        middle=tuple(backend.encode(mid)),
+        tails=tuple(tuple(backend.encode(t)) for t in tails),
+        good_ids=tuple(good_ids),
+        bad_ids=tuple(bad_ids),
+    )
+
+
+# --- the model as its own judge ---------------------------------------------------------
+
+
+class SelfEvaluator(Evaluator):
+    """The generating model judges its own responses (RAIN's self-evaluation)."""
+
+    def __init__(self, backend: LanguageModel, *, rubric_cache_size: int = 8) -> None:
+        self.backend = backend
+        self.rubric_cache_size = rubric_cache_size
+        self._layouts: OrderedDict[str, _Layout] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def layout(self, rubric: Rubric) -> _Layout:
+        """The rubric's token layout; its preamble stays pinned (LRU of rubric_cache_size)."""
+        key = rubric.model_dump_json()
+        with self._lock:
+            found = self._layouts.get(key)
+            if found is not None:
+                self._layouts.move_to_end(key)
+                return found
+            layout = build_layout(self.backend, rubric)
+            self.backend.pin(layout.preamble)
+            self._layouts[key] = layout
+            while len(self._layouts) > self.rubric_cache_size:
+                _, old = self._layouts.popitem(last=False)
+                self.backend.unpin(old.preamble)
+            return layout
+
+    def session(self, rubric: Rubric, prompt_text: str, *, reuse: bool = True) -> EvalSession:
+        layout = self.layout(rubric)
+        return _SelfEvalSession(self.backend, rubric, layout, prompt_text, reuse)
+
+
+class _SelfEvalSession(EvalSession):
+    def __init__(
+        self,
+        backend: LanguageModel,
+        rubric: Rubric,
+        layout: _Layout,
+        prompt_text: str,
+        reuse: bool,
+    ) -> None:
+        self.backend = backend
+        self.rubric = rubric
+        self.layout = layout
+        self.reuse = reuse
+        prompt_ids = tuple(backend.encode(prompt_text)) if rubric.include_prompt else ()
+        self.request = layout.preamble + prompt_ids + layout.middle
+        self._pinned: list[tuple[int, ...]] = []
+        if reuse:
+            self._pin(self.request)
+
+    def _pin(self, ids: tuple[int, ...]) -> None:
+        self.backend.pin(ids)
+        self._pinned.append(ids)
+
+    def committed(self, response_ids: Sequence[int]) -> None:
+        if not self.reuse:
+            return
+        # Pin the longer prefix first so it is built from the shorter one, then
+        # drop the older pins (the rubric-and-prompt pin stays for the request).
+        ids = self.request + tuple(response_ids)
+        self._pin(ids)
+        while len(self._pinned) > 2:
+            self.backend.unpin(self._pinned.pop(1))
+
+    def close(self) -> None:
+        while self._pinned:
+            self.backend.unpin(self._pinned.pop())
+
+    def score(self, response_ids: Sequence[int], response_text: str) -> Judgement:
+        ids = tuple(response_ids)
+        if _CLOSE in response_text:
+            # The response imitates our delimiter: re-encode it defused so it
+            # cannot close its own block and speak as the judge.
+            ids = tuple(self.backend.encode(response_text.replace(_CLOSE, "< /response>")))
+        seqs = [self.request + ids + tail for tail in self.layout.tails]
+        logprobs = self.backend.next_token_logprobs(seqs, reuse=self.reuse)
+        return _judge(self.rubric, self.layout, logprobs)
+
+
+def _judge(rubric: Rubric, layout: _Layout, logprobs: np.ndarray) -> Judgement:
+    probs = np.exp(logprobs.astype(np.float64))
+    votes, p_good, p_bad = [], [], []
+    for row, good, bad in zip(probs, layout.good_ids, layout.bad_ids, strict=True):
+        pg = float(row[list(good)].sum())
+        pb = float(row[list(bad)].sum())
+        p_good.append(pg)
+        p_bad.append(pb)
+        if rubric.scoring == "soft":
+            votes.append((pg - pb) / (pg + pb) if pg + pb > 0 else 0.0)
+        else:
+            votes.append(float(np.sign(pg - pb)))
+    score = float(np.clip(np.mean(votes), -1.0, 1.0))
+    return Judgement(score, {"votes": votes, "p_good": p_good, "p_bad": p_bad})

