@@ -124,7 +124,8 @@ class RainConfig(BaseModel):
             raise ValueError(f"T_m ({self.T_m}) must not exceed T ({self.T}); lower T_m or raise T")
         if self.min_new_iterations > self.T:
             raise ValueError(
-                f"min_new_iterations ({self.min_new_iterations}) must not exceed T ({self.T})"
+                f"min_new_iterations ({self.min_new_iterations}) must not exceed T ({self.T}); "
+                "lower min_new_iterations or raise T"
             )
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
