@@ -15,6 +15,7 @@ test can state what the search must do and check it exactly.
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -43,10 +44,24 @@ EOS = "<eos>"
 """The end-of-text token (id 0); the only stop token."""
 PROMPT_END = ">"
 """``render_chat`` ends the prompt with this character; the answer follows it."""
-VOCAB: tuple[str, ...] = (EOS, *"abcdefghijklmnopqrstuvwxyzAB .,!?:\n()<>-/[]=")
-"""Token id i is VOCAB[i]: one character per token, EOS first."""
+VOCAB: tuple[str, ...] = (
+    EOS,
+    *(string.ascii_letters + string.digits + string.punctuation + " \n"),
+    *(" " + ch for ch in string.ascii_letters),
+)
+"""Token id i is VOCAB[i]: one character per token, EOS first, plus a space fused
+with the letter after it (" A", " yes" starts with " y"), as real BPE vocabularies do,
+so that "A" and " A" are different tokens."""
 FLOOR = 1e-6
 """Probability every token keeps, so log-probs stay finite and top-k is well defined."""
+
+
+def _first_token(text: str) -> str:
+    """The token the scripted tokenizer reads first from ``text``."""
+    if len(text) >= 2 and text[0] == " " and text[1] in string.ascii_letters:
+        return text[:2]
+    return text[0]
+
 
 NextFn = Callable[[str], Mapping[str, float]]
 """``next_fn(context_text) -> {token_text: weight}`` (renormalised; EOS by name)."""
@@ -66,7 +81,7 @@ def choice_table(answers: Mapping[str, float], *, after: str = PROMPT_END) -> Ne
         for answer, weight in answers.items():
             if not answer.startswith(written):
                 continue
-            nxt = answer[len(written)] if len(answer) > len(written) else EOS
+            nxt = _first_token(answer[len(written) :]) if len(answer) > len(written) else EOS
             dist[nxt] = dist.get(nxt, 0.0) + weight
         return dist or {EOS: 1.0}
 
@@ -95,13 +110,18 @@ class ScriptedLM(LanguageModel):
         unknown = sorted({ch for ch in text if ch not in self._index})
         if unknown:
             raise ValueError(f"ScriptedLM cannot encode {unknown!r}")
-        return [self._index[ch] for ch in text]
+        ids, i = [], 0
+        while i < len(text):
+            tok = _first_token(text[i:])
+            ids.append(self._index[tok])
+            i += len(tok)
+        return ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return "".join(VOCAB[t] for t in token_ids if t != 0)
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        text = "".join(f"[{m['role']}]{str(m['content']).lower()}\n" for m in messages)
+        text = "".join(f"[{m['role']}]{m['content']}\n" for m in messages)
         return text + PROMPT_END if add_generation_prompt else text
 
     def distribution(self, token_ids: Sequence[int]) -> np.ndarray:
