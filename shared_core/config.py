@@ -7,6 +7,7 @@ reference code where the paper is silent (see ``shared/RAIN.md``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -56,8 +57,9 @@ class RainConfig(BaseModel):
     """Let siblings learn from a rollout whose embedding is similar (ablation switch)."""
     gamma_s: float = Field(0.2, ge=0.0, le=1.0)
     """γ_s, weight of a similarity update (paper: 0.2)."""
-    similarity_threshold: float = Field(0.95, ge=-1.0, le=1.0)
-    """Cosine similarity above which a sibling is updated (reference code: 0.95)."""
+    similarity_threshold: float = Field(0.95, ge=0.0, le=1.0)
+    """Cosine similarity above which a sibling is updated (reference code: 0.95). Not
+    below 0: the update weight γ_s·sim must be positive, or n and v leave their range."""
 
     # --- Dynamic node addition ----------------------------------------------------------
     dynamic_addition: bool = True
@@ -166,11 +168,23 @@ class RainConfig(BaseModel):
         return self.token_set_lengths[min(depth, len(self.token_set_lengths) - 1)]
 
 
-def build_config(data: dict[str, Any] | RainConfig | None = None, **overrides: Any) -> RainConfig:
+def build_config(
+    data: Mapping[str, Any] | RainConfig | str | None = None, **overrides: Any
+) -> RainConfig:
     """Validate a config from a mapping, turning pydantic's report into a RainConfigError."""
     if isinstance(data, RainConfig):
         return data.merged(**overrides)
+    if isinstance(data, str):
+        data = {"preset": data}  # a preset name alone, e.g. "fast"
+    if data is not None and not isinstance(data, Mapping):
+        raise RainConfigError(
+            f"a config must be a RainConfig, a dict of settings or a preset name "
+            f"('default', 'fast'), not {type(data).__name__}"
+        )
     payload = dict(data or {})
+    bad_keys = [k for k in payload if not isinstance(k, str)]
+    if bad_keys:
+        raise RainConfigError(f"config keys must be setting names (strings), got {bad_keys!r:.80}")
     preset = payload.pop("preset", None)
     payload.update(overrides)
     if preset == "fast":
