@@ -1,0 +1,429 @@
+"""RainLLM: RAIN as a LlamaIndex ``LLM`` (RAG query engines, chat engines, agents).
+
+One private path feeds all nine endpoints: ``_start`` resolves the rubric and
+config, renders the prompt and validates it (``engine.stream``); ``_chunks``
+turns the engine's committed token sets into ``(delta, text, extra)`` tuples.
+The sync endpoints consume ``_chunks`` directly, the async ones run it in a
+worker thread, so streaming and non-streaming calls format prompts the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+    TextBlock,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.llm import LLM
+
+from shared_core import (
+    RainConfig,
+    RainEngine,
+    RainError,
+    RainInputError,
+    RainResult,
+    RainStream,
+    Rubric,
+    get_rubric,
+    load_engine,
+)
+from shared_core.rubric import RubricSpec
+
+__all__ = ["RainLLM", "current_rain_rubric", "rain_rubric"]
+
+_RUBRIC: ContextVar[Rubric | None] = ContextVar("rain_rubric", default=None)
+
+# LlamaIndex roles -> the engine's four roles.
+_ROLES: dict[str, str] = {
+    MessageRole.SYSTEM.value: "system",
+    MessageRole.DEVELOPER.value: "system",
+    MessageRole.USER.value: "user",
+    MessageRole.ASSISTANT.value: "assistant",
+    MessageRole.MODEL.value: "assistant",
+    MessageRole.CHATBOT.value: "assistant",
+    MessageRole.TOOL.value: "tool",
+    MessageRole.FUNCTION.value: "tool",
+}
+
+_Chunk = tuple[str, str, dict[str, Any]]
+"""(delta, cumulative text, additional_kwargs) of one streamed response."""
+
+_END = object()
+
+
+@contextmanager
+def rain_rubric(rubric: RubricSpec) -> Iterator[Rubric]:
+    """Use ``rubric`` for every RainLLM call started inside the block.
+
+    Query engines, chat engines and agents do not forward LLM keywords, so this
+    context variable is how a pipeline picks the preference. It is read when a
+    call starts: a streaming response created inside the block keeps the rubric
+    even if it is consumed after the block ends. Unknown rubrics raise
+    :class:`~shared_core.RubricError` here, at entry.
+    """
+    token = _RUBRIC.set(get_rubric(rubric))
+    try:
+        yield _RUBRIC.get()  # type: ignore[misc]
+    finally:
+        _RUBRIC.reset(token)
+
+
+def current_rain_rubric() -> Rubric | None:
+    """The rubric set by the innermost active :func:`rain_rubric`, if any."""
+    return _RUBRIC.get()
+
+
+def _to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    for i, msg in enumerate(messages):
+        role = _ROLES.get(str(getattr(msg.role, "value", msg.role)))
+        if role is None:
+            raise RainInputError(
+                f"message {i} has role {msg.role!r}, which RAIN cannot map; use "
+                "system, user, assistant or tool"
+            )
+        if any(not isinstance(b, TextBlock) for b in msg.blocks):
+            kinds = sorted({type(b).__name__ for b in msg.blocks if not isinstance(b, TextBlock)})
+            raise RainInputError(
+                f"message {i} holds {', '.join(kinds)}; RAIN handles text only: "
+                "send the text parts alone"
+            )
+        out.append({"role": role, "content": msg.content or ""})
+    return out
+
+
+def _stats(result: RainResult) -> dict[str, Any]:
+    """What the search did, for ``additional_kwargs``: flat headline numbers + full record."""
+    s = result.stats
+    return {
+        "rubric": result.rubric,
+        "model": result.model_name,
+        "iterations": s.iterations,
+        "commits": s.commits,
+        "rewinds": s.rewinds,
+        "final_score": s.final_score,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "elapsed_s": round(result.elapsed_s, 3),
+        "rain_stats": s.to_dict(),
+        "rain_trace": result.trace,
+    }
+
+
+@dataclass
+class _Call:
+    """One started request: the engine's stream and the event that cancels it."""
+
+    stream: RainStream
+    cancel: threading.Event
+    rubric: Rubric
+
+
+class RainLLM(LLM):
+    """A LlamaIndex LLM whose every answer is found by RAIN's self-evaluated search.
+
+    Build it from a model id or path (``RainLLM("HuggingFaceTB/SmolLM2-135M-Instruct")``),
+    a loaded transformers model and tokenizer (``RainLLM(model, tokenizer)``), an
+    existing engine (``RainLLM(engine=engine)``) or the embedded default
+    (``RainLLM.from_default()``, also what ``RainLLM()`` does). Models named by
+    id or path go through :func:`shared_core.load_engine`, so every RainLLM and
+    ChatRain in the process shares one copy of the weights.
+
+    The rubric of a call is, in order: the ``rubric=`` keyword of the endpoint,
+    the innermost :func:`rain_rubric` block, the instance's ``rubric``. Other
+    keywords (``config=``, ``max_new_tokens=``, ``T=``, ...) are RainConfig
+    overrides for that call.
+
+    ``complete`` sends the prompt as one user message through the model's chat
+    template, streaming or not; with ``formatted=False`` the instance's
+    ``completion_to_prompt`` (identity by default) and ``system_prompt`` are
+    applied first, with ``formatted=True`` the prompt is sent as given. ``chat``
+    sends the messages as they are (``LLM.predict`` already adds ``system_prompt``).
+
+    Streaming yields one response per committed token set whose text is not
+    empty (``delta`` + cumulative ``text``), then a last one with ``delta=""``
+    that carries the search statistics. Every response's ``additional_kwargs``
+    ends with ``rubric``, ``iterations``, ``commits``, ``rewinds``,
+    ``final_score``, ``rain_stats`` and ``rain_trace``.
+    """
+
+    model: str = Field(default="", description="Name of the model the engine runs.")
+    gguf_file: str | None = Field(default=None, description="GGUF file inside `model`, if any.")
+    rubric: str = Field(default="", description="Name of the default rubric.")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="The default RainConfig, as a dict."
+    )
+
+    _engine: RainEngine = PrivateAttr()
+    _default_rubric: Rubric = PrivateAttr()
+    _config: RainConfig = PrivateAttr()
+
+    def __init__(
+        self,
+        model: str | Path | Any = None,
+        tokenizer: Any = None,
+        *,
+        engine: RainEngine | None = None,
+        gguf_file: str | None = None,
+        rubric: RubricSpec | None = None,
+        config: RainConfig | Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        engine = _build_engine(model, tokenizer, engine, gguf_file)
+        default_rubric = engine.resolve_rubric(rubric)
+        resolved = engine.resolve_config(config)
+        fields: dict[str, Any] = {
+            "model": engine.model_name,
+            "gguf_file": gguf_file,
+            "rubric": default_rubric.name,
+            "config": resolved.model_dump(),
+        }
+        super().__init__(**fields, **kwargs)
+        self._engine = engine
+        self._default_rubric = default_rubric
+        self._config = resolved
+
+    @classmethod
+    def from_default(cls, **kwargs: Any) -> RainLLM:
+        """The embedded SmolLM2-135M-Instruct, loaded once per process."""
+        return cls(engine=load_engine(), **kwargs)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RainLLM"
+
+    @property
+    def engine(self) -> RainEngine:
+        """The RAIN engine (shared with other adapters of the same model)."""
+        return self._engine
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(
+            context_window=self._engine.context_window,
+            num_output=self._config.max_new_tokens,
+            is_chat_model=True,
+            is_function_calling_model=False,
+            model_name=self._engine.model_name,
+            system_role=MessageRole.SYSTEM,
+        )
+
+    # --- the one core path ----------------------------------------------------------------
+    def _start(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> _Call:
+        """Resolve rubric and config now (the caller's context), validate the prompt."""
+        spec = kwargs.pop("rubric", None)
+        rubric = get_rubric(spec) if spec is not None else (_RUBRIC.get() or self._default_rubric)
+        config = kwargs.pop("config", None)
+        cfg = self._config if config is None else self._engine.resolve_config(config)
+        cfg = cfg.merged(**kwargs) if kwargs else cfg
+        cancel = threading.Event()
+        stream = self._engine.stream(messages, rubric=rubric, config=cfg, cancel=cancel)
+        return _Call(stream=stream, cancel=cancel, rubric=rubric)
+
+    def _completion_messages(self, prompt: str, formatted: bool) -> list[dict[str, str]]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RainInputError(
+                f"the prompt is empty ({prompt!r:.40}); pass the text the model should answer"
+            )
+        if formatted:
+            return [{"role": "user", "content": prompt}]
+        text = self.completion_to_prompt(prompt) if self.completion_to_prompt else prompt
+        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*msgs, {"role": "user", "content": text}]
+
+    @staticmethod
+    def _chunks(call: _Call) -> Iterator[_Chunk]:
+        """Committed token sets as (delta, text, extra); the stats ride on a last empty delta."""
+        text = ""
+        try:
+            for commit in call.stream:
+                if commit.text:
+                    text += commit.text
+                    extra = {"commit": commit.index, "value": commit.value}
+                    yield commit.text, text, extra
+            result = call.stream.result
+            yield "", result.text, _stats(result)
+        finally:
+            call.stream.close()
+
+    @staticmethod
+    def _run(call: _Call) -> RainResult:
+        for _ in call.stream:
+            pass
+        return call.stream.result
+
+    @staticmethod
+    async def _arun(call: _Call) -> RainResult:
+        try:
+            return await asyncio.to_thread(RainLLM._run, call)
+        except asyncio.CancelledError:
+            call.cancel.set()  # the worker thread stops within one forward pass
+            raise
+
+    @staticmethod
+    async def _achunks(call: _Call) -> AsyncIterator[_Chunk]:
+        """``_chunks`` produced by a worker thread, so the event loop never blocks."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop closed: nobody is listening any more
+                call.cancel.set()
+
+        def produce() -> None:
+            try:
+                for chunk in RainLLM._chunks(call):
+                    if call.cancel.is_set():
+                        break
+                    put(chunk)
+            except BaseException as exc:  # handed to the consumer, raised there
+                put(exc)
+            finally:
+                put(_END)
+
+        threading.Thread(target=produce, name="rain-search", daemon=True).start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            # Cancelled or closed early: stop the search instead of finishing unheard.
+            call.cancel.set()
+
+    # --- completion endpoints ---------------------------------------------------------------
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        call = self._start(self._completion_messages(prompt, formatted), kwargs)
+        return _completion(self._run(call))
+
+    @llm_completion_callback()
+    def stream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseGen:
+        call = self._start(self._completion_messages(prompt, formatted), kwargs)
+
+        def gen() -> CompletionResponseGen:
+            for delta, text, extra in self._chunks(call):
+                yield CompletionResponse(text=text, delta=delta, additional_kwargs=extra)
+
+        return gen()
+
+    @llm_completion_callback()
+    async def acomplete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponse:
+        call = self._start(self._completion_messages(prompt, formatted), kwargs)
+        return _completion(await self._arun(call))
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        call = self._start(self._completion_messages(prompt, formatted), kwargs)
+
+        async def gen() -> CompletionResponseAsyncGen:
+            async for delta, text, extra in self._achunks(call):
+                yield CompletionResponse(text=text, delta=delta, additional_kwargs=extra)
+
+        return gen()
+
+    # --- chat endpoints ---------------------------------------------------------------------
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        call = self._start(_to_engine_messages(messages), kwargs)
+        return _chat(self._run(call))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        call = self._start(_to_engine_messages(messages), kwargs)
+
+        def gen() -> ChatResponseGen:
+            for delta, text, extra in self._chunks(call):
+                yield _chat_chunk(delta, text, extra)
+
+        return gen()
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        call = self._start(_to_engine_messages(messages), kwargs)
+        return _chat(await self._arun(call))
+
+    @llm_chat_callback()
+    async def astream_chat(
+        self, messages: Sequence[ChatMessage], **kwargs: Any
+    ) -> ChatResponseAsyncGen:
+        call = self._start(_to_engine_messages(messages), kwargs)
+
+        async def gen() -> ChatResponseAsyncGen:
+            async for delta, text, extra in self._achunks(call):
+                yield _chat_chunk(delta, text, extra)
+
+        return gen()
+
+
+def _completion(result: RainResult) -> CompletionResponse:
+    return CompletionResponse(text=result.text, additional_kwargs=_stats(result), raw=None)
+
+
+def _chat(result: RainResult) -> ChatResponse:
+    message = ChatMessage(role=MessageRole.ASSISTANT, content=result.text)
+    return ChatResponse(message=message, additional_kwargs=_stats(result))
+
+
+def _chat_chunk(delta: str, text: str, extra: dict[str, Any]) -> ChatResponse:
+    message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
+    return ChatResponse(message=message, delta=delta, additional_kwargs=extra)
+
+
+def _build_engine(
+    model: Any, tokenizer: Any, engine: RainEngine | None, gguf_file: str | None
+) -> RainEngine:
+    """The engine for the constructor's arguments; ids and paths go through the shared cache."""
+    if engine is not None:
+        if model is not None or tokenizer is not None:
+            raise RainError("pass either engine= or model/tokenizer to RainLLM, not both")
+        if not isinstance(engine, RainEngine):
+            raise RainError(f"engine= must be a RainEngine, got {type(engine).__name__}")
+        return engine
+    if model is None:
+        if tokenizer is not None:
+            raise RainError("RainLLM got a tokenizer without a model; pass model= as well")
+        return load_engine()
+    if isinstance(model, str | Path):
+        if tokenizer is not None:
+            raise RainError(
+                "a tokenizer goes with a loaded model object; with a model id or path "
+                "RainLLM loads the tokenizer itself"
+            )
+        return load_engine(model, gguf_file)
+    if tokenizer is None:
+        raise RainError(
+            f"RainLLM got a loaded model ({type(model).__name__}) without its tokenizer; "
+            "pass tokenizer= too, or a model id/path instead"
+        )
+    return RainEngine(model=model, tokenizer=tokenizer)

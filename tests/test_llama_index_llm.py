@@ -1,0 +1,266 @@
+"""RainLLM on the tiny random model: every endpoint, metadata, rubric resolution, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from llama_index.core.base.llms.types import ChatMessage, ImageBlock, TextBlock
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.llm import (
+    LLMChatEndEvent,
+    LLMChatInProgressEvent,
+    LLMChatStartEvent,
+    LLMCompletionEndEvent,
+    LLMCompletionInProgressEvent,
+    LLMCompletionStartEvent,
+)
+from llama_index.core.llms import LLM
+from pydantic import Field
+
+from llama_index_rain import RainLLM, current_rain_rubric, rain_rubric
+from shared_core import (
+    RainConfigError,
+    RainError,
+    RainInputError,
+    Rubric,
+    RubricError,
+    get_rubric,
+    load_engine,
+)
+
+# A minimal search: every call still expands, simulates, self-evaluates and commits.
+QUICK = {
+    "num_candidates": 2,
+    "T": 2,
+    "min_new_iterations": 1,
+    "T_m": 1,
+    "max_new_tokens": 4,
+    "simulation_max_tokens": 2,
+    "similarity_update": False,
+    "dynamic_addition": False,
+}
+HI = [ChatMessage(role="user", content="Say something kind.")]
+
+
+class _Events(BaseEventHandler):
+    """Collects LlamaIndex instrumentation events (the real root dispatcher)."""
+
+    events: list[Any] = Field(default_factory=list)
+
+    def handle(self, event: Any, **kwargs: Any) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+@pytest.fixture
+def events() -> Iterator[_Events]:
+    handler = _Events()
+    root = get_dispatcher()
+    root.add_event_handler(handler)
+    yield handler
+    root.event_handlers.remove(handler)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_engine) -> RainLLM:
+    return RainLLM(engine=tiny_engine, config=QUICK)
+
+
+# --- construction and metadata -------------------------------------------------------------
+def test_metadata_is_true(llm: RainLLM, tiny_engine) -> None:
+    meta = llm.metadata
+    assert isinstance(llm, LLM)
+    assert meta.context_window == tiny_engine.context_window == 4096
+    assert meta.num_output == QUICK["max_new_tokens"]
+    assert meta.is_chat_model is True
+    assert meta.is_function_calling_model is False
+    assert meta.model_name == "tiny-random-llama"
+    assert llm.rubric == tiny_engine.default_rubric.name
+    assert RainLLM(engine=tiny_engine, config={"preset": "fast"}).metadata.num_output == 256
+
+
+def test_construction_from_model_and_tokenizer(tiny_model, smol_tokenizer) -> None:
+    llm = RainLLM(tiny_model, smol_tokenizer, rubric="positive", config=QUICK)
+    assert llm.metadata.model_name == "tiny-random-llama"
+    assert llm.rubric == "positive"
+    assert llm.engine.backend.model is tiny_model
+
+
+def test_model_ids_share_one_engine_through_load_engine(tiny_engine) -> None:
+    # Seed the process-wide cache under an id, as a first loader would.
+    load_engine("li-test/tiny", factory=lambda: tiny_engine)
+    a, b = RainLLM("li-test/tiny"), RainLLM(model="li-test/tiny", rubric="truthful")
+    assert a.engine is b.engine is tiny_engine
+
+
+def test_construction_errors(tiny_model, smol_tokenizer, tiny_engine) -> None:
+    with pytest.raises(RainError, match="without its tokenizer"):
+        RainLLM(tiny_model)
+    with pytest.raises(RainError, match="tokenizer without a model"):
+        RainLLM(tokenizer=smol_tokenizer)
+    with pytest.raises(RainError, match="not both"):
+        RainLLM(tiny_model, engine=tiny_engine)
+    with pytest.raises(RubricError, match="harmless"):
+        RainLLM(engine=tiny_engine, rubric="no-such-rubric")
+    with pytest.raises(RainConfigError, match="T_m"):
+        RainLLM(engine=tiny_engine, config={"T": 2, "T_m": 3})
+
+
+# --- the eight calling endpoints -------------------------------------------------------------
+def test_complete_and_stream_complete_agree(llm: RainLLM, events: _Events) -> None:
+    full = llm.complete("Tell me about rain.")
+    chunks = list(llm.stream_complete("Tell me about rain."))
+    assert full.additional_kwargs["iterations"] > 0
+    assert full.additional_kwargs["commits"] == len(full.additional_kwargs["rain_trace"])
+    assert {"rewinds", "final_score", "rain_stats"} <= full.additional_kwargs.keys()
+    # Same prompt formatting and seed: the streamed answer is the same answer.
+    assert "".join(c.delta or "" for c in chunks) == chunks[-1].text == full.text
+    assert all(c.delta for c in chunks[:-1])
+    assert chunks[-1].delta == "" and chunks[-1].additional_kwargs["rubric"] == "harmless"
+    assert len(events.of(LLMCompletionStartEvent)) == 2
+    assert len(events.of(LLMCompletionEndEvent)) == 2
+    assert len(events.of(LLMCompletionInProgressEvent)) == len(chunks)
+
+
+def test_chat_and_stream_chat_agree(llm: RainLLM, events: _Events) -> None:
+    full = llm.chat(HI)
+    chunks = list(llm.stream_chat(HI))
+    assert full.message.role == "assistant"
+    assert chunks[-1].message.content == full.message.content
+    assert "".join(c.delta or "" for c in chunks) == full.message.content
+    assert full.additional_kwargs["model"] == "tiny-random-llama"
+    assert len(events.of(LLMChatStartEvent)) == len(events.of(LLMChatEndEvent)) == 2
+    assert len(events.of(LLMChatInProgressEvent)) == len(chunks)
+
+
+def test_complete_is_chat_with_one_user_message(llm: RainLLM) -> None:
+    done = llm.complete("Tell me about rain.", formatted=True)
+    said = llm.chat([ChatMessage(role="user", content="Tell me about rain.")])
+    assert done.text == said.message.content
+    assert done.additional_kwargs["prompt_tokens"] == said.additional_kwargs["prompt_tokens"]
+    # formatted=False applies system_prompt as a system message.
+    with_system = RainLLM(engine=llm.engine, config=QUICK, system_prompt="Be brief.")
+    sys_done = with_system.complete("Tell me about rain.")
+    sys_said = llm.chat(
+        [
+            ChatMessage(role="system", content="Be brief."),
+            ChatMessage(role="user", content="Tell me about rain."),
+        ]
+    )
+    assert sys_done.text == sys_said.message.content
+    assert (
+        sys_done.additional_kwargs["prompt_tokens"] == sys_said.additional_kwargs["prompt_tokens"]
+    )
+    assert sys_done.additional_kwargs["prompt_tokens"] != done.additional_kwargs["prompt_tokens"]
+
+
+async def test_async_endpoints_agree_with_sync(llm: RainLLM, events: _Events) -> None:
+    achat = await llm.achat(HI)
+    sync = achat.message.content
+    astream = [c async for c in await llm.astream_chat(HI)]
+    acomp = await llm.acomplete("Say something kind.")
+    acomp_chunks = [c async for c in await llm.astream_complete("Say something kind.")]
+    assert astream[-1].message.content == sync
+    assert "".join(c.delta or "" for c in astream) == sync
+    assert acomp.text == acomp_chunks[-1].text == sync
+    assert acomp_chunks[-1].additional_kwargs["iterations"] > 0
+    assert len(events.of(LLMChatEndEvent)) == 2
+    assert len(events.of(LLMCompletionEndEvent)) == 2
+
+
+async def test_async_runs_off_the_event_loop(llm: RainLLM) -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await llm.achat(HI, max_new_tokens=12)
+    task.cancel()
+    assert ticks > 3  # the loop kept turning while the search ran
+
+
+async def test_cancelling_a_task_stops_the_search(llm: RainLLM) -> None:
+    work = llm.engine.backend.work
+    big = {"max_new_tokens": 400, "T": 50, "min_new_iterations": 15}
+    task = asyncio.create_task(llm.achat(HI, **big))
+    await asyncio.sleep(1.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(1.0)  # one forward pass at most finishes after the cancel
+    before = work.forward_calls
+    await asyncio.sleep(0.5)
+    assert work.forward_calls == before
+
+    gen = await llm.astream_chat(HI, **big)
+    first = await anext(gen)
+    assert first.delta
+    await gen.aclose()
+    deadline = time.monotonic() + 5
+    while any(t.name == "rain-search" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the search thread outlived its stream"
+        await asyncio.sleep(0.05)
+
+
+# --- rubric per call -------------------------------------------------------------------------
+def test_rubric_keyword_beats_context_beats_default(llm: RainLLM) -> None:
+    assert current_rain_rubric() is None
+    assert llm.complete("Hi").additional_kwargs["rubric"] == "harmless"
+    with rain_rubric("positive") as rub:
+        assert isinstance(rub, Rubric) and current_rain_rubric() is rub
+        assert llm.complete("Hi").additional_kwargs["rubric"] == "positive"
+        assert llm.complete("Hi", rubric="truthful").additional_kwargs["rubric"] == "truthful"
+        with rain_rubric(get_rubric("truthful")):
+            assert current_rain_rubric() is get_rubric("truthful")
+        assert current_rain_rubric() is rub
+    assert current_rain_rubric() is None
+    custom = {"preset": "positive", "name": "my-positive"}
+    assert llm.complete("Hi", rubric=custom).additional_kwargs["rubric"] == "my-positive"
+
+
+async def test_stream_keeps_the_rubric_it_was_created_under(llm: RainLLM) -> None:
+    with rain_rubric("positive"):
+        gen = llm.stream_complete("Hi")
+        agen = await llm.astream_chat(HI)
+    assert list(gen)[-1].additional_kwargs["rubric"] == "positive"
+    assert [c async for c in agen][-1].additional_kwargs["rubric"] == "positive"
+
+
+# --- bad input ------------------------------------------------------------------------------
+async def test_bad_input_raises_clear_errors(llm: RainLLM) -> None:
+    with pytest.raises(RubricError, match="harmless"):
+        llm.complete("Hi", rubric="no-such-rubric")
+    with pytest.raises(RubricError, match="harmless"), rain_rubric("no-such-rubric"):
+        pass
+    with pytest.raises(RainInputError, match="empty"):
+        llm.complete("   ")
+    with pytest.raises(RainInputError, match="empty"):
+        await llm.acomplete("")
+    with pytest.raises(RainInputError, match="no text"):
+        llm.chat([ChatMessage(role="user", content="")])
+    too_long = "rain " * 5000
+    with pytest.raises(RainInputError, match="context window"):
+        llm.complete(too_long)
+    with pytest.raises(RainInputError, match="context window"):
+        llm.stream_chat([ChatMessage(role="user", content=too_long)])  # raised at the call
+    with pytest.raises(RainInputError, match="context window"):
+        await llm.astream_complete(too_long)
+    with pytest.raises(RainConfigError, match="unknown setting"):
+        llm.complete("Hi", temprature=0.5)
+    image = ChatMessage(
+        role="user", blocks=[TextBlock(text="What is this?"), ImageBlock(url="http://x/y.png")]
+    )
+    with pytest.raises(RainInputError, match="text only"):
+        llm.chat([image])
