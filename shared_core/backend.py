@@ -86,6 +86,11 @@ class LanguageModel(ABC):
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids``, special tokens dropped."""
 
+    def encode_literal(self, text: str) -> list[int]:
+        """Like :meth:`encode`, but special-token markup in ``text`` (``<|im_end|>``) is
+        read as plain text, never as a special token: for untrusted text inside a prompt."""
+        return self.encode(text)
+
     @abstractmethod
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The prompt text for ``messages`` in the model's chat format."""

@@ -15,6 +15,7 @@ so text inside a response ("Answer: (A)") cannot pick its own verdict.
 
 from __future__ import annotations
 
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -38,6 +39,14 @@ __all__ = [
 _PROMPT_MARK = "[[RAIN_PROMPT]]"
 _RESPONSE_MARK = "[[RAIN_RESPONSE]]"
 _CLOSE = "</response>"
+_TAG = re.compile(r"<(\s*/?\s*(?:response|request)\s*)>", re.IGNORECASE)
+"""Text imitating the judge's delimiters: ``</response>``, ``<Request >``, ``</ response>``."""
+
+
+def _defuse(text: str) -> str:
+    """Escape delimiter look-alikes, so text inside a block can neither close it nor open
+    a fake one (``</response>`` becomes ``&lt;/response&gt;``)."""
+    return _TAG.sub(r"&lt;\1&gt;", text)
 
 
 @dataclass(frozen=True)
@@ -127,7 +136,7 @@ def render_judge_prompt(
     if rubric.examples:
         body = "\n\n".join(_example(rubric, i, ex) for i, ex in enumerate(rubric.examples))
         body += "\n\nNow the case to judge:\n"
-    body += f"{_case(rubric, prompt, response)}\n\n{_question(rubric, swapped)}"
+    body += f"{_case(rubric, _defuse(prompt), _defuse(response))}\n\n{_question(rubric, swapped)}"
     if rubric.style == "chat" and backend.has_chat_template:
         text = backend.render_chat(
             [{"role": "system", "content": rubric.instruction}, {"role": "user", "content": body}]
@@ -168,6 +177,12 @@ def build_layout(backend: LanguageModel, rubric: Rubric) -> _Layout:
         heads.append(head)
         tails.append(tail)
     head = heads[0]
+    marks = [t.count(_RESPONSE_MARK) for t in texts] + [head.count(_PROMPT_MARK)]
+    if marks != [1] * len(texts) + [int(rubric.include_prompt)]:
+        raise RubricError(
+            f"rubric {rubric.name!r}: its text contains {_PROMPT_MARK} or {_RESPONSE_MARK}, "
+            "which the judge prompt reserves; remove them from the rubric"
+        )
     if rubric.include_prompt:
         pre, _, mid = head.partition(_PROMPT_MARK)
     else:
@@ -240,7 +255,10 @@ class _SelfEvalSession(EvalSession):
         self.rubric = rubric
         self.layout = layout
         self.reuse = reuse
-        prompt_ids = tuple(backend.encode(prompt_text)) if rubric.include_prompt else ()
+        # Read literally and defused: the user's text cannot end the judge's turn
+        # (special-token markup) or close its <request> block.
+        literal = _defuse(prompt_text)
+        prompt_ids = tuple(backend.encode_literal(literal)) if rubric.include_prompt else ()
         self.request = layout.preamble + prompt_ids + layout.middle
         self._pinned: list[tuple[int, ...]] = []
         if reuse:
@@ -266,10 +284,10 @@ class _SelfEvalSession(EvalSession):
 
     def score(self, response_ids: Sequence[int], response_text: str) -> Judgement:
         ids = tuple(response_ids)
-        if _CLOSE in response_text:
-            # The response imitates our delimiter: re-encode it defused so it
-            # cannot close its own block and speak as the judge.
-            ids = tuple(self.backend.encode(response_text.replace(_CLOSE, "< /response>")))
+        if _TAG.search(response_text):
+            # The response imitates our delimiters: re-encode it defused (and read
+            # literally) so it cannot close its own block and speak as the judge.
+            ids = tuple(self.backend.encode_literal(_defuse(response_text)))
         seqs = [self.request + ids + tail for tail in self.layout.tails]
         logprobs = self.backend.next_token_logprobs(seqs, reuse=self.reuse)
         return _judge(self.rubric, self.layout, logprobs)

@@ -160,6 +160,10 @@ class TransformersBackend(LanguageModel):
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def encode_literal(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
+        return list(ids["input_ids"])
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
