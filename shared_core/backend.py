@@ -33,8 +33,10 @@ __all__ = [
 Message = Mapping[str, Any]
 """A chat message: ``{"role": "user" | "assistant" | "system" | "tool", "content": str}``."""
 
-PickFn = Callable[[np.ndarray, int], np.ndarray]
-"""``pick(logprobs [n, vocab], step) -> tokens [n]``: the caller's token choice per step."""
+PickFn = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
+"""``pick(logprobs [n, vocab], step, active [n] bool) -> tokens [n]``: the caller's choice.
+
+Rows that are not ``active`` have finished; their log-probs are placeholders."""
 
 
 @dataclass
@@ -118,14 +120,14 @@ class LanguageModel(ABC):
         reference the prefix-reuse path must agree with (an ablation switch).
         """
 
-    def pin(self, token_ids: Sequence[int]) -> None:
+    def pin(self, token_ids: Sequence[int]) -> None:  # noqa: B027 - an optional hint
         """Hint: ``token_ids`` is a prefix of many coming calls; keep it computed.
 
         Pins are reference-counted; every ``pin`` needs one :meth:`unpin`.
         Backends without prefix reuse ignore the hint.
         """
 
-    def unpin(self, token_ids: Sequence[int]) -> None:
+    def unpin(self, token_ids: Sequence[int]) -> None:  # noqa: B027 - an optional hint
         """Release one :meth:`pin` of ``token_ids``."""
 
     def extend(
@@ -181,8 +183,10 @@ def _decode_loop(
         # do not depend on how many rows happen to be finished.
         full = np.full((n, logprobs.shape[1]), -np.inf, dtype=np.float32)
         full[active] = logprobs
-        full[[i for i in range(n) if i not in active], 0] = 0.0
-        chosen = pick(full, t)
+        live = np.zeros(n, dtype=bool)
+        live[active] = True
+        full[~live, 0] = 0.0
+        chosen = pick(full, t, live)
         still: list[int] = []
         fed: list[int] = []
         for row_pos, i in enumerate(active):

@@ -32,7 +32,8 @@ class RainConfig(BaseModel):
     num_candidates: int = Field(10, ge=1, le=64)
     """Candidate token sets per expansion, *k* (reference code: about 10)."""
     token_set_lengths: tuple[int, ...] = (1, 2, 4, 10)
-    """Token-set length by depth below the current root; the last entry repeats."""
+    """Token-set length by the expanded node's depth from the start of the answer (the
+    reference code's schedule); the last entry repeats."""
     expansion_top_k: int = Field(15, ge=1)
     """Sample multi-token candidates from the top-k distribution (reference code: 15)."""
     expansion_temperature: float = Field(1.0, gt=0.0)
@@ -164,7 +165,7 @@ class RainConfig(BaseModel):
         return RainConfig(**data)
 
     def token_set_length(self, depth: int) -> int:
-        """Length of the token sets created at ``depth`` below the current root."""
+        """Length of the token sets created under a node at ``depth``."""
         return self.token_set_lengths[min(depth, len(self.token_set_lengths) - 1)]
 
 

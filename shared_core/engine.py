@@ -18,6 +18,7 @@ import numpy as np
 
 from shared_core.backend import LanguageModel
 from shared_core.config import RainConfig, build_config
+from shared_core.constraints import TokenConstraint
 from shared_core.embeddings import Embedder, default_embedder
 from shared_core.errors import RainError, RainInputError
 from shared_core.evaluation import Evaluator, Judgement, SelfEvaluator
@@ -165,7 +166,7 @@ class RainEngine:
 
             backend = TransformersBackend(model, tokenizer, name=name)
         self.backend = backend
-        self.config = build_config(config) if not isinstance(config, RainConfig) else config
+        self.config = config if isinstance(config, RainConfig) else build_config(dict(config or {}))
         self.evaluator = evaluator or SelfEvaluator(
             backend, rubric_cache_size=self.config.rubric_cache_size
         )
@@ -220,10 +221,8 @@ class RainEngine:
             base = config
         elif config is not None:
             data = dict(config)
-            if data.get("preset") == "fast":
-                base = build_config(data)
-            else:
-                base = base.merged(**data)
+            # A preset starts from its own defaults; plain settings refine the engine's.
+            base = build_config(data) if "preset" in data else base.merged(**data)
         return base.merged(**overrides) if overrides else base
 
     def resolve_rubric(self, rubric: RubricSpec | None) -> Rubric:
@@ -271,12 +270,14 @@ class RainEngine:
         config: RainConfig | Mapping[str, Any] | None = None,
         on_event: EventHandler | None = None,
         cancel: threading.Event | None = None,
+        constraint: TokenConstraint | None = None,
         **overrides: Any,
     ) -> RainStream:
         """Run RAIN, yielding each token set as the search commits it.
 
         ``on_event(kind, data)`` receives ``iteration``, ``rewind`` and ``commit``
-        events; setting ``cancel`` stops the search within one model forward pass.
+        events; setting ``cancel`` stops the search within one model forward pass;
+        ``constraint`` restricts every token the search picks (structured output).
         Input is validated here, before the first item is requested.
         """
         cfg = self.resolve_config(config, **overrides)
@@ -284,7 +285,7 @@ class RainEngine:
         msgs = normalize_messages(messages)
         prompt_ids = self._render(msgs)
         holder: dict[str, Any] = {}
-        gen = self._run(msgs, prompt_ids, rub, cfg, on_event, cancel, holder)
+        gen = self._run(msgs, prompt_ids, rub, cfg, on_event, cancel, constraint, holder)
         return RainStream(gen, holder)
 
     def generate(
@@ -295,11 +296,18 @@ class RainEngine:
         config: RainConfig | Mapping[str, Any] | None = None,
         on_event: EventHandler | None = None,
         cancel: threading.Event | None = None,
+        constraint: TokenConstraint | None = None,
         **overrides: Any,
     ) -> RainResult:
         """Run RAIN to the end and return the answer with its statistics and trace."""
         stream = self.stream(
-            messages, rubric=rubric, config=config, on_event=on_event, cancel=cancel, **overrides
+            messages,
+            rubric=rubric,
+            config=config,
+            on_event=on_event,
+            cancel=cancel,
+            constraint=constraint,
+            **overrides,
         )
         for _ in stream:
             pass
@@ -313,6 +321,7 @@ class RainEngine:
         cfg: RainConfig,
         on_event: EventHandler | None,
         cancel: threading.Event | None,
+        constraint: TokenConstraint | None,
         holder: dict[str, Any],
     ) -> Iterator[Commit]:
         started = time.perf_counter()
@@ -328,6 +337,7 @@ class RainEngine:
             delimiter_mask=self._mask(cfg.clause_delimiters),
             on_event=on_event,
             cancel=cancel,
+            constraint=constraint,
         )
         emitter = _TextEmitter(self.backend, cfg.stop)
         pinned = list(prompt_ids)
@@ -420,9 +430,13 @@ class RainEngine:
             return []
         mask = self._mask(_SENTENCE_END)
 
-        def pick(logprobs: np.ndarray, step: int) -> np.ndarray:
+        chosen: list[int] = []
+
+        def pick(logprobs: np.ndarray, step: int, active: np.ndarray) -> np.ndarray:
             ctx.check_cancel()
-            return np.argmax(logprobs, axis=1)
+            token = int(np.argmax(ctx.constrain(logprobs[0], ctx.committed + chosen)))
+            chosen.append(token)
+            return np.array([token])
 
         def done(row: list[int]) -> bool:
             return bool(mask[row[-1]])
@@ -448,7 +462,7 @@ class RainEngine:
         rng = np.random.default_rng(cfg.seed)
         emitter = _TextEmitter(self.backend, cfg.stop)
 
-        def pick(logprobs: np.ndarray, step: int) -> np.ndarray:
+        def pick(logprobs: np.ndarray, step: int, active: np.ndarray) -> np.ndarray:
             if cfg.temperature == 0:
                 return np.argmax(logprobs, axis=1)
             k = logprobs.shape[1]

@@ -96,10 +96,10 @@ class TransformersBackend(LanguageModel):
         self.tokenizer = tokenizer
         cfg = model.config
         self.name = name or getattr(cfg, "name_or_path", None) or type(model).__name__
-        window = getattr(cfg, "max_position_embeddings", None) or getattr(
-            tokenizer, "model_max_length", 2048
+        window: int = getattr(cfg, "max_position_embeddings", None) or int(
+            getattr(tokenizer, "model_max_length", 2048)
         )
-        self.context_window = int(min(window, 1_000_000))
+        self.context_window = min(int(window), 1_000_000)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.stop_token_ids = frozenset(self._find_stop_tokens())
         self._pad_id = int(tokenizer.pad_token_id or 0)
@@ -123,7 +123,9 @@ class TransformersBackend(LanguageModel):
             kwargs["gguf_file"] = gguf_file
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs, **model_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, **kwargs, **model_kwargs
+            )
         except OSError as exc:
             raise RainError(
                 f"could not load model {path!r}: {exc}. Pass a local folder, or a model id "
@@ -249,7 +251,8 @@ class TransformersBackend(LanguageModel):
             snap = self._snapshots.get(key)
             if snap is None:
                 cache, logprobs = self._run_prefix(key)
-                kv = [(layer.keys, layer.values) for layer in cache.layers]
+                # Full-attention layers only: their keys/values are plain tensors.
+                kv: _KV = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
                 snap = _Snapshot(key, kv, logprobs)
                 self._snapshots[key] = snap
             snap.pins += 1

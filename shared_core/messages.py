@@ -78,7 +78,10 @@ def merge_consecutive(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     merged: list[dict[str, str]] = []
     for m in messages:
         if merged and merged[-1]["role"] == m["role"]:
-            merged[-1] = {"role": m["role"], "content": merged[-1]["content"] + "\n\n" + m["content"]}
+            merged[-1] = {
+                "role": m["role"],
+                "content": merged[-1]["content"] + "\n\n" + m["content"],
+            }
         else:
             merged.append(dict(m))
     return merged

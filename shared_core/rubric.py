@@ -225,7 +225,8 @@ def get_rubric(spec: RubricSpec) -> Rubric:
             return Rubric.model_validate(data)
         except ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'rubric'}: {e['msg']}" for e in exc.errors()
+                f"{'.'.join(str(p) for p in e['loc']) or 'rubric'}: {e['msg']}"
+                for e in exc.errors()
             )
             raise RubricError(
                 f"malformed rubric dict: {problems}. Required fields: name, instruction, "

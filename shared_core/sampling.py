@@ -15,9 +15,7 @@ def top_k_indices(logprobs: np.ndarray, k: int) -> np.ndarray:
     return part[np.lexsort((part, -logprobs[part]))]
 
 
-def sample_top_k(
-    logprobs: np.ndarray, k: int, temperature: float, rng: np.random.Generator
-) -> int:
+def sample_top_k(logprobs: np.ndarray, k: int, temperature: float, rng: np.random.Generator) -> int:
     """Sample one token from the top-k of a [vocab] row at ``temperature``."""
     idx = top_k_indices(logprobs, k)
     scaled = logprobs[idx].astype(np.float64) / temperature

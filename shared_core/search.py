@@ -18,6 +18,7 @@ import numpy as np
 
 from shared_core.backend import LanguageModel
 from shared_core.config import RainConfig
+from shared_core.constraints import TokenConstraint
 from shared_core.embeddings import Embedder
 from shared_core.errors import RainError
 from shared_core.evaluation import EvalSession, Judgement
@@ -133,11 +134,15 @@ class SearchContext:
     """[vocab] bool: the token's text contains a clause delimiter."""
     on_event: EventHandler | None = None
     cancel: threading.Event | None = None
+    constraint: TokenConstraint | None = None
+    """Restricts every token the search picks (e.g. to JSON of a schema)."""
     committed: list[int] = field(default_factory=list)
     stats: SearchStats = field(default_factory=SearchStats)
     rng: np.random.Generator = field(init=False)
     started: float = field(default_factory=time.perf_counter)
     finish_reason: str | None = None
+    judgements: dict[tuple[int, ...], Judgement] = field(default_factory=dict)
+    """Scores by response, so an identical rollout is not judged twice (reference code)."""
     _last_path: list[Node] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -150,6 +155,17 @@ class SearchContext:
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise RainCancelled("the RAIN search was cancelled by its caller")
+
+    def constrain(self, logprobs: np.ndarray, response_ids: list[int]) -> np.ndarray:
+        """``logprobs`` [vocab] with tokens the constraint forbids set to -inf."""
+        if self.constraint is None:
+            return logprobs
+        allowed = self.constraint.allowed(response_ids)
+        if allowed is None:
+            return logprobs
+        if not allowed.any():
+            raise RainError("the output constraint allows no next token; check its grammar")
+        return np.where(allowed[: len(logprobs)], logprobs, -np.inf).astype(np.float32)
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         if self.on_event is not None:
@@ -205,15 +221,29 @@ def select(tree: Tree, config: RainConfig) -> list[Node]:
 # --- 2. expand ----------------------------------------------------------------------------
 
 
-def _sampler(ctx: SearchContext, top_k: int, temperature: float, greedy_rows: int = 0) -> Any:
-    def pick(logprobs: np.ndarray, step: int) -> np.ndarray:
+def _sampler(
+    ctx: SearchContext,
+    top_k: int,
+    temperature: float,
+    response: list[int],
+    greedy_rows: int = 0,
+) -> Any:
+    """A ``pick`` for :meth:`LanguageModel.extend`; ``response`` is the branch so far."""
+    rows: list[list[int]] = []
+
+    def pick(logprobs: np.ndarray, step: int, active: np.ndarray) -> np.ndarray:
         ctx.check_cancel()
+        if not rows:
+            rows.extend([] for _ in range(logprobs.shape[0]))
         out = np.empty(logprobs.shape[0], dtype=np.int64)
         for i, row in enumerate(logprobs):
+            if active[i]:
+                row = ctx.constrain(row, response + rows[i])
             # Draw for every row, greedy or finished too, so the random stream
             # does not depend on how many rows are still running.
             sampled = sample_top_k(row, top_k, temperature, ctx.rng)
             out[i] = int(np.argmax(row)) if i < greedy_rows else sampled
+            rows[i].append(int(out[i]))
         return out
 
     return pick
@@ -239,15 +269,17 @@ def _candidate_sets(
     ctx: SearchContext, path: list[Node], length: int, n: int, greedy: bool, exclude: set
 ) -> list[tuple[list[int], float, bool]]:
     """Distinct token sets after ``path``: (tokens, log-prob, is_greedy)."""
-    prefix = ctx.prompt_ids + ctx.committed + path_tokens(path)
+    response = ctx.committed + path_tokens(path)
+    prefix = ctx.prompt_ids + response
     if length == 1:
         # One-token sets: the top-k tokens of the next-token distribution.
         logprobs = ctx.backend.next_token_logprobs([prefix], reuse=ctx.reuse)[0]
+        logprobs = ctx.constrain(logprobs, response)
         order = top_k_indices(logprobs, n + len(exclude))
         out = []
         for rank, tok in enumerate(order):
             key = (int(tok),)
-            if key in exclude:
+            if key in exclude or not np.isfinite(logprobs[tok]):
                 continue
             out.append(([int(tok)], float(logprobs[tok]), greedy and rank == 0))
             if len(out) == n:
@@ -255,22 +287,24 @@ def _candidate_sets(
         return out
     # Longer sets: one greedy run plus samples from the top-k distribution.
     cfg = ctx.config
-    pick = _sampler(ctx, cfg.expansion_top_k, cfg.expansion_temperature, 1 if greedy else 0)
+    pick = _sampler(
+        ctx, cfg.expansion_top_k, cfg.expansion_temperature, response, 1 if greedy else 0
+    )
     conts = ctx.backend.extend(prefix, n, length, pick, reuse=ctx.reuse)
     out, seen = [], set(exclude)
     for row, cont in enumerate(conts):
-        key = tuple(cont.token_ids)
-        if not key or key in seen:
+        tokens = tuple(cont.token_ids)
+        if not tokens or tokens in seen:
             continue
-        seen.add(key)
-        out.append((list(key), float(sum(cont.logprobs)), greedy and row == 0))
+        seen.add(tokens)
+        out.append((list(tokens), float(sum(cont.logprobs)), greedy and row == 0))
     return out
 
 
 def expand(ctx: SearchContext, path: list[Node]) -> list[Node]:
     """Add candidate token sets under the leaf; set length grows with depth."""
     leaf = path[-1]
-    length = min(ctx.config.token_set_length(len(path) - 1), max(ctx.room(path), 1))
+    length = min(ctx.config.token_set_length(leaf.depth), max(ctx.room(path), 1))
     with ctx.timed("expansion"):
         sets = _candidate_sets(ctx, path, length, ctx.config.num_candidates, True, set())
     sets.sort(key=lambda s: -s[1])  # by prior, so PUCT ties favour the likelier set
@@ -303,7 +337,7 @@ def simulate(ctx: SearchContext, path: list[Node]) -> list[int]:
         return mask is not None and bool(mask[row[-1]])
 
     with ctx.timed("simulation"):
-        pick = _sampler(ctx, cfg.simulation_top_k, cfg.simulation_temperature)
+        pick = _sampler(ctx, cfg.simulation_top_k, cfg.simulation_temperature, tokens)
         cont = ctx.backend.extend(
             ctx.prompt_ids + tokens, 1, budget, pick, clause_done, reuse=ctx.reuse
         )
@@ -323,8 +357,13 @@ def _response(ctx: SearchContext, tokens: list[int]) -> list[int]:
 def evaluate(ctx: SearchContext, path: list[Node], rollout: list[int]) -> Judgement:
     """Self-evaluate committed + path + rollout by the rubric."""
     response = _response(ctx, ctx.committed + path_tokens(path) + rollout)
-    with ctx.timed("evaluation"):
-        return ctx.session.score(response, ctx.backend.decode(response))
+    key = tuple(response)
+    found = ctx.judgements.get(key)
+    if found is None:
+        with ctx.timed("evaluation"):
+            found = ctx.session.score(response, ctx.backend.decode(response))
+        ctx.judgements[key] = found
+    return found
 
 
 # --- 4. back up ---------------------------------------------------------------------------
@@ -377,9 +416,7 @@ def similarity_update(
             sim = _cosine(sibling.embedding, node.embedding)
             if sim > cfg.similarity_threshold:
                 w = cfg.gamma_s * sim
-                sibling.value = (sibling.value * sibling.visits + w * score) / (
-                    sibling.visits + w
-                )
+                sibling.value = (sibling.value * sibling.visits + w * score) / (sibling.visits + w)
                 sibling.visits += w
                 tree.observe(sibling.value)
                 updated += 1
@@ -398,7 +435,8 @@ def needs_more_children(node: Node, config: RainConfig) -> bool:
         return False
     if max(k.value for k in kids) >= config.dynamic_value_threshold:
         return False
-    spread = float(np.linalg.norm(np.var(np.stack([k.embedding for k in kids]), axis=0)))
+    vectors = [k.embedding for k in kids if k.embedding is not None]
+    spread = float(np.linalg.norm(np.var(np.stack(vectors), axis=0)))
     length = max(len(k.token_ids) for k in kids)
     return spread < config.dynamic_variance_factor * length
 
@@ -438,9 +476,7 @@ def iterate(ctx: SearchContext, tree: Tree) -> Judgement:
     judgement = evaluate(ctx, path, rollout)
     backup(tree, path, judgement.score)
     if ctx.config.similarity_update:
-        ctx.stats.similarity_updates += similarity_update(
-            ctx, tree, path, rollout, judgement.score
-        )
+        ctx.stats.similarity_updates += similarity_update(ctx, tree, path, rollout, judgement.score)
     if ctx.config.dynamic_addition:
         ctx.stats.dynamic_additions += dynamic_addition(ctx, path)
     ctx.stats.iterations += 1

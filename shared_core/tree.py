@@ -29,6 +29,9 @@ class Node:
     embedding: np.ndarray | None = None
     """e(X) [dim]: running mean of rollout-text embeddings from this node."""
     embedding_count: int = 0
+    depth: int = 0
+    """Depth below the answer's first root (the reference code's ``step``); kept when the
+    root moves, so token sets grow 1, 2, 4, 10 from the start of the answer."""
     is_greedy: bool = False
     """The candidate greedy decoding would have produced from the parent."""
     terminal: bool = False
@@ -41,6 +44,7 @@ class Node:
     def add_children(self, children: list[Node]) -> None:
         for child in children:
             child.parent = self
+            child.depth = self.depth + 1
         self.children.extend(children)
         total = sum(c.raw_prob for c in self.children)
         for child in self.children:
