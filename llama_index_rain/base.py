@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -31,6 +31,9 @@ from llama_index.core.base.llms.types import (
     TextBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.synthesis import SynthesizeEndEvent
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.llm import LLM
 
@@ -75,10 +78,11 @@ def rain_rubric(rubric: RubricSpec) -> Iterator[Rubric]:
 
     Query engines, chat engines and agents do not forward LLM keywords, so this
     context variable is how a pipeline picks the preference. It is read when a
-    call starts: a streaming response created inside the block keeps the rubric
-    even if it is consumed after the block ends. Unknown rubrics raise
+    call starts, and a streaming query or chat response synthesized inside the
+    block keeps the rubric even if it is consumed after the block ends. Unknown rubrics raise
     :class:`~shared_core.RubricError` here, at entry.
     """
+    _install_stream_binder()
     token = _RUBRIC.set(get_rubric(rubric))
     try:
         yield _RUBRIC.get()  # type: ignore[misc]
@@ -89,6 +93,75 @@ def rain_rubric(rubric: RubricSpec) -> Iterator[Rubric]:
 def current_rain_rubric() -> Rubric | None:
     """The rubric set by the innermost active :func:`rain_rubric`, if any."""
     return _RUBRIC.get()
+
+
+def _bound(gen: Generator[Any, None, None], rubric: Rubric) -> Iterator[Any]:
+    """``gen`` with ``rubric`` active while each item is produced."""
+    try:
+        while True:
+            token = _RUBRIC.set(rubric)
+            try:
+                item = next(gen)
+            except StopIteration:
+                return
+            finally:
+                _RUBRIC.reset(token)
+            yield item
+    finally:
+        gen.close()
+
+
+async def _abound(gen: AsyncGenerator[Any, None], rubric: Rubric) -> AsyncIterator[Any]:
+    """``gen`` with ``rubric`` active while each item is produced."""
+    try:
+        while True:
+            token = _RUBRIC.set(rubric)
+            try:
+                item = await anext(gen)
+            except StopAsyncIteration:
+                return
+            finally:
+                _RUBRIC.reset(token)
+            yield item
+    finally:
+        await gen.aclose()
+
+
+class _StreamRubricBinder(BaseEventHandler):
+    """Binds the active rubric to the lazy token stream a synthesis returns.
+
+    A streaming query (or a chat engine's streaming answer) calls the LLM only
+    when its ``response_gen`` is iterated, usually after the ``rain_rubric``
+    block has ended. When the synthesis finishes -- still inside the block --
+    this wraps ``response_gen`` so the LLM call it makes later sees the rubric.
+    """
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RainStreamRubricBinder"
+
+    def handle(self, event: Any, **kwargs: Any) -> None:
+        rubric = _RUBRIC.get()
+        if rubric is None or not isinstance(event, SynthesizeEndEvent):
+            return
+        response = event.response
+        gen = getattr(response, "response_gen", None)
+        if isinstance(gen, Generator):
+            response.response_gen = _bound(gen, rubric)  # type: ignore[union-attr]
+        elif isinstance(gen, AsyncGenerator):
+            response.response_gen = _abound(gen, rubric)  # type: ignore[union-attr]
+
+
+_BINDER_LOCK = threading.Lock()
+_binder: _StreamRubricBinder | None = None
+
+
+def _install_stream_binder() -> None:
+    global _binder
+    with _BINDER_LOCK:
+        if _binder is None:
+            _binder = _StreamRubricBinder()
+            get_dispatcher().add_event_handler(_binder)
 
 
 def _to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
