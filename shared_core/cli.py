@@ -188,6 +188,7 @@ def _generate(
 ) -> RainResult | None:
     """Run the search in a worker thread so Ctrl-C can set the engine's cancel event."""
     cancel = threading.Event()
+    done = threading.Event()
     box: dict[str, Any] = {}
     bar = None if quiet else _Progress(config.max_new_tokens, err)
 
@@ -202,14 +203,19 @@ def _generate(
             )
         except BaseException as exc:  # handed to the main thread below
             box["error"] = exc
+        finally:
+            done.set()
 
     worker = threading.Thread(target=work, name="rain-search", daemon=True)
     worker.start()
+    # Wait on an Event, not Thread.join: an interrupted join can mark a running thread
+    # as stopped (CPython 3.11), and then the search would outlive the command.
     try:
-        while worker.is_alive():
-            worker.join(_POLL_S)
+        while not done.wait(_POLL_S):
+            pass
     except KeyboardInterrupt:
         cancel.set()  # the search stops within one forward pass
+        done.wait()
         worker.join()
         err.write("rain: interrupted; the search was cancelled\n")
         return None

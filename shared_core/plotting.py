@@ -66,15 +66,15 @@ def plot_trace(
         raise RainError(
             "plot_trace needs matplotlib: pip install matplotlib (or the package's dev extra)"
         )
-    size = (max(6.0, 0.45 * len(trace) + 2.0), 6.0)
+    figsize = (max(6.0, 0.45 * len(trace) + 2.0), 6.0)
     if path is not None:  # no pyplot: nothing global is kept alive, no GUI backend needed
         from matplotlib.figure import Figure as _Figure
 
-        fig = _Figure(figsize=size, layout="constrained")
+        fig = _Figure(figsize=figsize, layout="constrained")
     else:  # pyplot, so that notebooks display it inline
         import matplotlib.pyplot as plt
 
-        fig = plt.figure(figsize=size, layout="constrained")
+        fig = plt.figure(figsize=figsize, layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
 
     max_n = max((float(c.get("n", 0.0)) for k in trace for c in k.get("candidates", ())), default=1)
