@@ -43,16 +43,21 @@ def run_cli(args, factory=None):
     return code, out.getvalue(), err.getvalue()
 
 
+class _Factory:
+    """An engine factory that hands out the tiny engine and records what it was asked for."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.seen: list[tuple[str | None, str | None]] = []
+
+    def __call__(self, model, gguf_file):
+        self.seen.append((model, gguf_file))
+        return self.engine
+
+
 @pytest.fixture
 def factory(tiny_engine):
-    seen = []
-
-    def make(model, gguf_file):
-        seen.append((model, gguf_file))
-        return tiny_engine
-
-    make.seen = seen
-    return make
+    return _Factory(tiny_engine)
 
 
 def test_answers_a_prompt(factory):
@@ -191,7 +196,7 @@ def test_plot_trace_from_dicts(tmp_path):
     path = tmp_path / "t.svg"
     fig = plot_trace({"text": "x", "trace": trace}, path=path)
     _, bottom = fig.axes
-    assert [int(p.get_height()) for p in bottom.patches] == [4, 7]
+    assert [int(p.get_height()) for p in bottom.patches] == [4, 7]  # type: ignore[attr-defined]
     assert "1 differ from greedy" in fig.get_suptitle()
     assert path.read_text().lstrip().startswith("<?xml")
 
