@@ -141,9 +141,11 @@ class RainConfig(BaseModel):
         """A latency preset.
 
         Fewer candidates (4), a smaller search per commit (T=12, at least 4 new
-        iterations, T_m=2) and ``greedy_early_commit``: when the model's own
-        greedy continuation already scores ≥ V it is committed at once. Trade-off:
-        less look-ahead, so a bad branch that only shows later is caught less often.
+        iterations, T_m=2), ``greedy_early_commit`` (when the model's own greedy
+        continuation already scores ≥ V it is committed at once), and no
+        similarity update or dynamic addition (no sentence embeddings to compute).
+        Trade-off: less look-ahead and no sharing of scores between similar
+        siblings, so a bad branch that only shows later is caught less often.
         """
         base: dict[str, Any] = {
             "num_candidates": 4,
@@ -152,6 +154,8 @@ class RainConfig(BaseModel):
             "T_m": 2,
             "greedy_early_commit": True,
             "simulation_max_tokens": 16,
+            "similarity_update": False,
+            "dynamic_addition": False,
         }
         base.update(overrides)
         return cls(**base)
