@@ -417,10 +417,12 @@ class RainEngine:
 
     def _check_finish(self, ctx: SearchContext, new_ids: list[int], emitter: _TextEmitter) -> None:
         stop_ids = self.backend.stop_token_ids
-        if any(t in stop_ids for t in new_ids):
-            ctx.finish_reason = "stop"
-        elif emitter.text_of(self._answer_ids(ctx)) and emitter.hit_stop:
+        emitter.text_of(self._answer_ids(ctx))  # sets hit_stop, even for an empty text
+        # A stop string that ends the text before an end-of-text token is the reason.
+        if emitter.hit_stop:
             ctx.finish_reason = "stop_string"
+        elif any(t in stop_ids for t in new_ids):
+            ctx.finish_reason = "stop"
         elif len(ctx.committed) >= ctx.config.max_new_tokens:
             ctx.finish_reason = "length"
 
