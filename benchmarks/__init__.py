@@ -1,0 +1,1 @@
+"""Benchmarks of the RAIN engine (run as modules: ``python -m benchmarks.speed``)."""
