@@ -35,8 +35,11 @@ from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.synthesis import SynthesizeEndEvent
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.llm import LLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.tools.types import BaseTool
 
+from llama_index_rain._tools import ToolPlan, format_call, plan_tools
 from shared_core import (
     RainConfig,
     RainEngine,
@@ -48,6 +51,7 @@ from shared_core import (
     get_rubric,
     load_engine,
 )
+from shared_core.constraints import JSONSchemaConstraint
 from shared_core.rubric import RubricSpec
 
 __all__ = ["RainLLM", "current_rain_rubric", "rain_rubric"]
@@ -164,7 +168,9 @@ def _install_stream_binder() -> None:
             get_dispatcher().add_event_handler(_binder)
 
 
-def _to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+def _to_engine_messages(
+    messages: Sequence[ChatMessage], tools: ToolPlan | None = None
+) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     for i, msg in enumerate(messages):
         role = _ROLES.get(str(getattr(msg.role, "value", msg.role)))
@@ -179,7 +185,18 @@ def _to_engine_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]
                 f"message {i} holds {', '.join(kinds)}; RAIN handles text only: "
                 "send the text parts alone"
             )
-        out.append({"role": role, "content": msg.content or ""})
+        content = msg.content or ""
+        calls = msg.additional_kwargs.get("tool_calls") if role == "assistant" else None
+        if calls:  # an earlier call of ours, shown to the model as it wrote it
+            content = "".join([content, *(format_call(c) for c in calls)])
+        out.append({"role": role, "content": content})
+    if tools is not None:
+        # The engine takes plain messages: tools are described in the system prompt.
+        if out and out[0]["role"] == "system":
+            merged = out[0]["content"] + "\n\n" + tools.system_prompt()
+            out[0] = {"role": "system", "content": merged}
+        else:
+            out.insert(0, {"role": "system", "content": tools.system_prompt()})
     return out
 
 
@@ -209,9 +226,20 @@ class _Call:
     stream: RainStream
     cancel: threading.Event
     rubric: Rubric
+    tools: ToolPlan | None = None
+
+    def visible(self, text: str, final: bool) -> str:
+        return text if self.tools is None else self.tools.visible(text, final)
+
+    def final(self, result: RainResult) -> tuple[str, dict[str, Any]]:
+        """The answer's text and ``additional_kwargs`` (stats, and tool calls if any)."""
+        extra = _stats(result)
+        if self.tools is not None:
+            extra["tool_calls"], extra["invalid_tool_calls"] = self.tools.parse(result.text)
+        return self.visible(result.text, final=True), extra
 
 
-class RainLLM(LLM):
+class RainLLM(FunctionCallingLLM):
     """A LlamaIndex LLM whose every answer is found by RAIN's self-evaluated search.
 
     Build it from a model id or path (``RainLLM("HuggingFaceTB/SmolLM2-135M-Instruct")``),
@@ -295,22 +323,52 @@ class RainLLM(LLM):
             context_window=self._engine.context_window,
             num_output=self._config.max_new_tokens,
             is_chat_model=True,
-            is_function_calling_model=False,
+            is_function_calling_model=True,
             model_name=self._engine.model_name,
             system_role=MessageRole.SYSTEM,
         )
 
     # --- the one core path ----------------------------------------------------------------
-    def _start(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> _Call:
+    def _start(
+        self,
+        messages: list[dict[str, str]],
+        kwargs: dict[str, Any],
+        tools: ToolPlan | None = None,
+    ) -> _Call:
         """Resolve rubric and config now (the caller's context), validate the prompt."""
         spec = kwargs.pop("rubric", None)
         rubric = get_rubric(spec) if spec is not None else (_RUBRIC.get() or self._default_rubric)
         config = kwargs.pop("config", None)
         cfg = self._config if config is None else self._engine.resolve_config(config)
         cfg = cfg.merged(**kwargs) if kwargs else cfg
+        constraint = None
+        if tools is not None and tools.required is not None:
+            backend = self._engine.backend
+            tokenizer = getattr(backend, "tokenizer", None)
+            if tokenizer is None:
+                raise RainInputError(
+                    "a required tool call needs constrained decoding, which needs a "
+                    "transformers backend (its tokenizer); this engine's backend has none"
+                )
+            constraint = JSONSchemaConstraint(
+                tools.call_schema(),
+                tokenizer,
+                vocab_size=backend.vocab_size,
+                stop_token_ids=sorted(backend.stop_token_ids),
+            )
         cancel = threading.Event()
-        stream = self._engine.stream(messages, rubric=rubric, config=cfg, cancel=cancel)
-        return _Call(stream=stream, cancel=cancel, rubric=rubric)
+        stream = self._engine.stream(
+            messages, rubric=rubric, config=cfg, cancel=cancel, constraint=constraint
+        )
+        return _Call(stream=stream, cancel=cancel, rubric=rubric, tools=tools)
+
+    def _start_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Call:
+        tools = plan_tools(
+            kwargs.pop("tools", None),
+            bool(kwargs.pop("tool_required", False)),
+            kwargs.pop("tool_choice", None),
+        )
+        return self._start(_to_engine_messages(messages, tools), kwargs, tools)
 
     def _completion_messages(self, prompt: str, formatted: bool) -> list[dict[str, str]]:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -325,16 +383,17 @@ class RainLLM(LLM):
 
     @staticmethod
     def _chunks(call: _Call) -> Iterator[_Chunk]:
-        """Committed token sets as (delta, text, extra); the stats ride on a last empty delta."""
-        text = ""
+        """Committed token sets as (delta, text, extra); the stats ride on a last chunk."""
+        raw, shown = "", ""
         try:
             for commit in call.stream:
-                if commit.text:
-                    text += commit.text
-                    extra = {"commit": commit.index, "value": commit.value}
-                    yield commit.text, text, extra
-            result = call.stream.result
-            yield "", result.text, _stats(result)
+                raw += commit.text
+                visible = call.visible(raw, final=False)
+                if len(visible) > len(shown):
+                    delta, shown = visible[len(shown) :], visible
+                    yield delta, shown, {"commit": commit.index, "value": commit.value}
+            text, extra = call.final(call.stream.result)
+            yield text[len(shown) :], text, extra
         finally:
             call.stream.close()
 
@@ -392,7 +451,7 @@ class RainLLM(LLM):
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         call = self._start(self._completion_messages(prompt, formatted), kwargs)
-        return _completion(self._run(call))
+        return _completion(call, self._run(call))
 
     @llm_completion_callback()
     def stream_complete(
@@ -411,7 +470,7 @@ class RainLLM(LLM):
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponse:
         call = self._start(self._completion_messages(prompt, formatted), kwargs)
-        return _completion(await self._arun(call))
+        return _completion(call, await self._arun(call))
 
     @llm_completion_callback()
     async def astream_complete(
@@ -428,12 +487,12 @@ class RainLLM(LLM):
     # --- chat endpoints ---------------------------------------------------------------------
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        call = self._start(_to_engine_messages(messages), kwargs)
-        return _chat(self._run(call))
+        call = self._start_chat(messages, kwargs)
+        return _chat(call, self._run(call))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        call = self._start(_to_engine_messages(messages), kwargs)
+        call = self._start_chat(messages, kwargs)
 
         def gen() -> ChatResponseGen:
             for delta, text, extra in self._chunks(call):
@@ -443,14 +502,14 @@ class RainLLM(LLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        call = self._start(_to_engine_messages(messages), kwargs)
-        return _chat(await self._arun(call))
+        call = self._start_chat(messages, kwargs)
+        return _chat(call, await self._arun(call))
 
     @llm_chat_callback()
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
-        call = self._start(_to_engine_messages(messages), kwargs)
+        call = self._start_chat(messages, kwargs)
 
         async def gen() -> ChatResponseAsyncGen:
             async for delta, text, extra in self._achunks(call):
@@ -458,18 +517,73 @@ class RainLLM(LLM):
 
         return gen()
 
+    # --- function calling -------------------------------------------------------------------
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Arguments for ``chat``: the tools ride along and are rendered by ``_start_chat``."""
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        return {"messages": messages, "tools": tools, "tool_required": tool_required, **kwargs}
 
-def _completion(result: RainResult) -> CompletionResponse:
-    return CompletionResponse(text=result.text, additional_kwargs=_stats(result), raw=None)
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[BaseTool],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        calls = response.message.additional_kwargs.get("tool_calls")
+        if not allow_parallel_tool_calls and calls and len(calls) > 1:
+            response.message.additional_kwargs["tool_calls"] = calls[:1]
+        return response
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        calls = response.message.additional_kwargs.get("tool_calls") or []
+        if not calls and error_on_no_tool_call:
+            bad = response.additional_kwargs.get("invalid_tool_calls") or []
+            why = f" (unparseable: {bad[0]['error']})" if bad else ""
+            raise ValueError(
+                f"expected a tool call, but the model answered in text{why}: "
+                f"{(response.message.content or '')[:120]!r}; pass tool_required=True "
+                "to constrain the answer to a valid call"
+            )
+        return [
+            ToolSelection(tool_id=c["id"], tool_name=c["name"], tool_kwargs=c["arguments"])
+            for c in calls
+        ]
 
 
-def _chat(result: RainResult) -> ChatResponse:
-    message = ChatMessage(role=MessageRole.ASSISTANT, content=result.text)
-    return ChatResponse(message=message, additional_kwargs=_stats(result))
+def _completion(call: _Call, result: RainResult) -> CompletionResponse:
+    text, extra = call.final(result)
+    return CompletionResponse(text=text, additional_kwargs=extra)
 
 
-def _chat_chunk(delta: str, text: str, extra: dict[str, Any]) -> ChatResponse:
-    message = ChatMessage(role=MessageRole.ASSISTANT, content=text)
+def _chat(call: _Call, result: RainResult) -> ChatResponse:
+    text, extra = call.final(result)
+    return _chat_chunk(None, text, extra)
+
+
+def _chat_chunk(delta: str | None, text: str, extra: dict[str, Any]) -> ChatResponse:
+    # Tool calls live on the message too, so agent memory shows them to the model later.
+    calls = extra.get("tool_calls")
+    message = ChatMessage(
+        role=MessageRole.ASSISTANT,
+        content=text,
+        additional_kwargs={"tool_calls": calls} if calls else {},
+    )
     return ChatResponse(message=message, delta=delta, additional_kwargs=extra)
 
 

@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from llama_index.core.base.llms.types import ChatMessage, ImageBlock, TextBlock
@@ -21,9 +21,12 @@ from llama_index.core.instrumentation.events.llm import (
     LLMCompletionStartEvent,
 )
 from llama_index.core.llms import LLM
-from pydantic import Field
+from llama_index.core.tools import FunctionTool
+from pydantic import BaseModel, Field
 
 from llama_index_rain import RainLLM, current_rain_rubric, rain_rubric
+from llama_index_rain._tools import plan_tools
+from llama_index_rain.base import _to_engine_messages
 from shared_core import (
     RainConfigError,
     RainError,
@@ -81,7 +84,7 @@ def test_metadata_is_true(llm: RainLLM, tiny_engine) -> None:
     assert meta.context_window == tiny_engine.context_window == 4096
     assert meta.num_output == QUICK["max_new_tokens"]
     assert meta.is_chat_model is True
-    assert meta.is_function_calling_model is False
+    assert meta.is_function_calling_model is True
     assert meta.model_name == "tiny-random-llama"
     assert llm.rubric == tiny_engine.default_rubric.name
     assert RainLLM(engine=tiny_engine, config={"preset": "fast"}).metadata.num_output == 256
@@ -264,3 +267,76 @@ async def test_bad_input_raises_clear_errors(llm: RainLLM) -> None:
     )
     with pytest.raises(RainInputError, match="text only"):
         llm.chat([image])
+
+
+# --- function calling ------------------------------------------------------------------------
+class FestivalArgs(BaseModel):
+    town: Literal["Rainville", "Eastport"]
+
+
+def festival_month(town: str) -> str:
+    """The month of a town's festival."""
+    return "October" if town == "Rainville" else "May"
+
+
+# An enum argument keeps the constrained call short even for the random model.
+FESTIVAL = FunctionTool.from_defaults(fn=festival_month, fn_schema=FestivalArgs)
+TOOLS_CFG = {**QUICK, "max_new_tokens": 32}
+
+
+def test_required_tool_call_is_grammar_constrained(llm: RainLLM) -> None:
+    response = llm.chat_with_tools(
+        [FESTIVAL], user_msg="When is the festival in Rainville?", tool_required=True, **TOOLS_CFG
+    )
+    (call,) = llm.get_tool_calls_from_response(response)
+    assert call.tool_name == "festival_month"
+    assert call.tool_kwargs["town"] in ("Rainville", "Eastport")
+    assert response.message.content == ""  # the whole answer was the call
+    out = llm.predict_and_call([FESTIVAL], "When is it?", tool_required=True, **TOOLS_CFG)
+    assert out.response in ("October", "May") and not out.sources[0].is_error
+
+
+async def test_streamed_tool_call_arrives_whole_in_the_last_chunk(llm: RainLLM) -> None:
+    gen = await llm.astream_chat_with_tools(
+        [FESTIVAL], user_msg="Festival month?", tool_choice="festival_month", **TOOLS_CFG
+    )
+    chunks = [c async for c in gen]
+    assert all(not c.delta for c in chunks)  # no half-written call leaks out as text
+    assert [s.tool_name for s in llm.get_tool_calls_from_response(chunks[-1])] == ["festival_month"]
+    assert all(not llm.get_tool_calls_from_response(c, False) for c in chunks[:-1])
+
+
+def test_free_text_answer_without_a_call(llm: RainLLM) -> None:
+    response = llm.chat_with_tools([FESTIVAL], user_msg="Hi", **QUICK)
+    assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
+    with pytest.raises(ValueError, match="tool_required=True"):
+        llm.get_tool_calls_from_response(response)
+
+
+def test_tool_text_protocol_round_trip(tiny_engine) -> None:
+    plan = plan_tools([FESTIVAL], tool_required=False, tool_choice=None)
+    assert plan is not None and plan.required is None
+    text = 'Let me check.<tool_call>{"name": "festival_month", "arguments": {"town": "Eastport"}}'
+    calls, invalid = plan.parse(text + "</tool_call>")
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        ("festival_month", {"town": "Eastport"})
+    ]
+    assert not invalid
+    assert plan.visible(text, final=False) == "Let me check."
+    assert plan.visible("Let me check.<tool", final=False) == "Let me check."  # maybe a tag
+    assert plan.visible("a < b", final=True) == "a < b"
+    _, bad = plan.parse('<tool_call>{"name": "nope", "arguments": {}}</tool_call>')
+    assert "festival_month" in bad[0]["error"]
+    # An earlier call and its result are shown to the model in the same format.
+    history = [
+        ChatMessage(role="user", content="When is the festival?"),
+        ChatMessage(role="assistant", content="", additional_kwargs={"tool_calls": calls}),
+        ChatMessage(role="tool", content="May", additional_kwargs={"tool_call_id": "x"}),
+    ]
+    msgs = _to_engine_messages(history, plan)
+    assert msgs[0]["role"] == "system" and "festival_month" in msgs[0]["content"]
+    assert msgs[2]["content"].startswith('<tool_call>{"name": "festival_month"')
+    prompt = tiny_engine.backend.decode(tiny_engine.prompt_ids(msgs))
+    assert "<tool_call>" in prompt and "May" in prompt
+    with pytest.raises(RainInputError, match="names no given tool"):
+        plan_tools([FESTIVAL], tool_required=False, tool_choice="weather")
