@@ -37,10 +37,6 @@ from langchain_core.messages import (
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
-from langchain_core.runnables.config import (
-    get_async_callback_manager_for_config,
-    get_callback_manager_for_config,
-)
 from langchain_core.tools import BaseTool
 from langchain_core.utils.uuid import uuid7
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
@@ -551,7 +547,7 @@ class ChatRain(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        dispatch = _sync_dispatcher(run_manager)
+        dispatch = _sync_dispatcher(self.callbacks, run_manager)
         for chunk in self._iter_items(messages, stop, threading.Event(), dispatch, **kwargs):
             if run_manager is not None:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -598,7 +594,7 @@ class ChatRain(BaseChatModel):
             finally:
                 put(done)
 
-        dispatch = _async_dispatcher(run_manager)
+        dispatch = _async_dispatcher(self.callbacks, run_manager)
         worker = loop.run_in_executor(None, work)
         finished = False
         try:
@@ -652,45 +648,53 @@ def _apply(cfg: RainConfig, data: Mapping[str, Any]) -> RainConfig:
     return cfg.merged(**dict(data))
 
 
-def _sync_dispatcher(
-    run_manager: CallbackManagerForLLMRun | None,
-) -> Callable[[_Event], None] | None:
-    """Sends search events as custom events of this model run; ``None`` if nobody listens."""
+def _event_manager(
+    local: Any, run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None
+) -> tuple[dict[str, Any], Any] | None:
+    """Where search events go: (callback-manager arguments, run id of this model call)."""
     config = _RUN.get()
     if config is not None:
-        manager = get_callback_manager_for_config(config)
-        run_id = config["run_id"]
-    elif run_manager is not None:
-        manager = CallbackManager(handlers=run_manager.handlers, tags=run_manager.tags)
-        run_id = run_manager.run_id
-    else:
+        args = {
+            "inheritable_callbacks": config.get("callbacks"),
+            "local_callbacks": local,
+            "inheritable_tags": config.get("tags"),
+            "inheritable_metadata": config.get("metadata"),
+        }
+        return args, config["run_id"]
+    if run_manager is not None:  # called through generate(): no entry point of ours ran
+        return {"inheritable_callbacks": run_manager.handlers}, run_manager.run_id
+    return None
+
+
+def _sync_dispatcher(
+    local: Any, run_manager: CallbackManagerForLLMRun | None
+) -> Callable[[_Event], None] | None:
+    """Sends search events as custom events of this model run; ``None`` if nobody listens."""
+    target = _event_manager(local, run_manager)
+    if target is None:
         return None
+    manager = CallbackManager.configure(**target[0])
     if not manager.handlers:
         return None
 
     def dispatch(event: _Event) -> None:
-        manager.on_custom_event(event.name, event.data, run_id=run_id)
+        manager.on_custom_event(event.name, event.data, run_id=target[1])
 
     return dispatch
 
 
 def _async_dispatcher(
-    run_manager: AsyncCallbackManagerForLLMRun | None,
+    local: Any, run_manager: AsyncCallbackManagerForLLMRun | None
 ) -> Callable[[_Event], Awaitable[None]] | None:
-    config = _RUN.get()
-    if config is not None:
-        manager = get_async_callback_manager_for_config(config)
-        run_id = config["run_id"]
-    elif run_manager is not None:
-        manager = AsyncCallbackManager(handlers=run_manager.handlers, tags=run_manager.tags)
-        run_id = run_manager.run_id
-    else:
+    target = _event_manager(local, run_manager)
+    if target is None:
         return None
+    manager = AsyncCallbackManager.configure(**target[0])
     if not manager.handlers:
         return None
 
     async def dispatch(event: _Event) -> None:
-        await manager.on_custom_event(event.name, event.data, run_id=run_id)
+        await manager.on_custom_event(event.name, event.data, run_id=target[1])
 
     return dispatch
 
