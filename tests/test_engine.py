@@ -96,21 +96,32 @@ def test_stream_yields_commits_whose_texts_make_the_answer(engine: RainEngine) -
     assert again.token_ids == result.token_ids
 
 
-def test_reuse_on_and_off_give_identical_output_with_less_work(engine: RainEngine) -> None:
+# Every mechanism fires on the tiny model: similar siblings (threshold 0.5) and
+# dynamic addition whenever the children all score below 1.
+_BUSY = {"similarity_threshold": 0.5, "dynamic_variance_factor": 10.0}
+
+
+@pytest.mark.parametrize(("rubric", "min_ratio"), [("positive", 3), ("harmless", 10)])
+def test_reuse_on_and_off_give_identical_output_with_less_work(
+    engine: RainEngine, rubric: str, min_ratio: int
+) -> None:
     work = engine.backend.work
     runs = {}
     for reuse in (True, False):
+        cfg = _full_config(reuse_cache=reuse, seed=11, dynamic_value_threshold=1.0, **_BUSY)
         before = work.tokens_processed
-        result = engine.generate(
-            MESSAGES, rubric="harmless", config=_full_config(reuse_cache=reuse, seed=11)
-        )
+        result = engine.generate(MESSAGES, rubric=rubric, config=cfg)
         runs[reuse] = (result, work.tokens_processed - before)
     (on, on_tokens), (off, off_tokens) = runs[True], runs[False]
     assert on.token_ids == off.token_ids and on.text == off.text
     assert on.trace == off.trace
-    assert on.stats.iterations == off.stats.iterations
-    # The few-shot rubric and the prompt are read once instead of per evaluation.
-    assert on_tokens * 5 < off_tokens, (on_tokens, off_tokens)
+    assert on.stats.to_dict() | {"breakdown_s": None} == off.stats.to_dict() | {"breakdown_s": None}
+    # The rubric and the prompt are read once instead of once per evaluation
+    # (the few-shot harmless rubric is the issue's ≥ 10× case).
+    assert on_tokens * min_ratio < off_tokens, (on_tokens, off_tokens)
+    if rubric == "positive":  # word labels: the tiny judge's votes do not cancel
+        stats = on.stats
+        assert stats.similarity_updates and stats.dynamic_additions and stats.overrides, stats
 
 
 def test_same_seed_same_output(engine: RainEngine) -> None:
