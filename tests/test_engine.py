@@ -216,7 +216,7 @@ def test_bad_messages_are_clear_input_errors(
     calls = engine.backend.work.forward_calls
     for run in (engine.generate, engine.stream, engine.vanilla):
         with pytest.raises(RainInputError, match=fragment):
-            run(messages)  # type: ignore[operator]
+            run(messages)  # type: ignore[operator, arg-type]
     assert engine.backend.work.forward_calls == calls
 
 
