@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared_core import RainInputError
+from shared_core import RainError, RainInputError
 from shared_core.hf_backend import TransformersBackend
 from tests.scripted import EOS, VOCAB, ScriptedLM, choice_table
 
@@ -48,6 +48,22 @@ def test_facts_from_the_model_config(backend, tiny_model) -> None:
     ids = backend.encode(TEXT)
     assert backend.decode(ids) == TEXT
     assert len(backend.token_texts()) == backend.vocab_size
+
+
+def test_loads_from_a_local_folder_and_refuses_a_missing_one(
+    tiny_model, smol_tokenizer, tmp_path
+) -> None:
+    tiny_model.save_pretrained(tmp_path)
+    smol_tokenizer.save_pretrained(tmp_path)
+    loaded = TransformersBackend.from_pretrained(tmp_path)
+    memory = TransformersBackend(tiny_model, smol_tokenizer)
+    ids = [memory.encode(TEXT)]
+    np.testing.assert_allclose(
+        loaded.next_token_logprobs(ids), memory.next_token_logprobs(ids), atol=1e-5
+    )
+    assert loaded.stop_token_ids == memory.stop_token_ids
+    with pytest.raises(RainError, match="HF_HUB_OFFLINE"):
+        TransformersBackend.from_pretrained(tmp_path / "missing")
 
 
 # --- prefix reuse ---------------------------------------------------------------------------

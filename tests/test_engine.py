@@ -187,6 +187,20 @@ def test_length_limit_and_end_of_text_finish_reasons() -> None:
     assert (result.text, result.finish_reason) == ("ok.", "stop")
 
 
+def test_the_answer_is_clipped_to_the_room_left_in_the_context_window() -> None:
+    lm = ScriptedLM(choice_table({"abcdefghijklmnopqrstuvwxyz.": 1.0}), context_window=20)
+    engine = RainEngine(backend=lm, evaluator=ScriptedEvaluator(lambda t: 1.0))
+    prompt_len = len(engine.prompt_ids("hi"))  # "[user]hi\n>" is 10 tokens
+    for result in (
+        engine.generate("hi", config=_full_config(max_new_tokens=100)),
+        engine.vanilla("hi", max_new_tokens=100),
+    ):
+        assert result.completion_tokens == lm.context_window - prompt_len
+        assert result.finish_reason == "length"
+    with pytest.raises(RainInputError, match="context window of 20"):
+        engine.generate("a much longer prompt than fits")
+
+
 def test_a_set_cancel_event_stops_the_search() -> None:
     cancel = threading.Event()
     cancel.set()

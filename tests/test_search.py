@@ -98,6 +98,18 @@ def test_root_prior_mixing_changes_the_choice_only_at_the_root() -> None:
     assert select(tree, _cfg(root_prior_mix=0.5))[2] is a
 
 
+def test_root_prior_mixing_moves_with_the_root() -> None:
+    # After a commit the chosen child becomes the root; its children are mixed now.
+    a, b = _node(0.8, 1, -1.0, (1,)), _node(0.2, 0, 0.0, (2,))
+    inner = _parent([a, b], visits=1, tokens=(9,))
+    tree = Tree(root=_parent([inner], visits=1))
+    cfg = _cfg(root_prior_mix=0.5)
+    assert select(tree, cfg)[2] is a
+    inner.parent = None
+    tree.root = inner
+    assert select(tree, cfg)[1] is b
+
+
 def test_unvisited_children_count_the_configured_value() -> None:
     # c = 0: pure value. A visited with v=0 (normalised 0.5); B unvisited.
     def pick(unvisited: float) -> tuple[int, ...]:
