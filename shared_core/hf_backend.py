@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,9 @@ class TransformersBackend(LanguageModel):
         self.stop_token_ids = frozenset(self._find_stop_tokens())
         self._pad_id = int(tokenizer.pad_token_id or 0)
         self._snapshots: dict[tuple[int, ...], _Snapshot] = {}
+        # A fast tokenizer keeps per-call settings (split_special_tokens, truncation) on
+        # one shared Rust object: concurrent calls with different settings must not mix.
+        self._tokenizer_lock = threading.Lock()
 
     # --- construction -------------------------------------------------------------------
     @classmethod
@@ -160,10 +164,13 @@ class TransformersBackend(LanguageModel):
 
     # --- text <-> tokens ----------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with self._tokenizer_lock:
+            ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=False)
+        return list(ids["input_ids"])
 
     def encode_literal(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
+        with self._tokenizer_lock:
+            ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
         return list(ids["input_ids"])
 
     def decode(self, token_ids: Sequence[int]) -> str:
