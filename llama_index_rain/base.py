@@ -388,7 +388,7 @@ class RainLLM(FunctionCallingLLM):
         return [*msgs, {"role": "user", "content": text}]
 
     @staticmethod
-    def _chunks(call: _Call) -> Iterator[_Chunk]:
+    def _chunks(call: _Call) -> Generator[_Chunk, None, None]:
         """Committed token sets as (delta, text, extra); the stats ride on a last chunk."""
         raw, shown = "", ""
         try:
@@ -430,14 +430,16 @@ class RainLLM(FunctionCallingLLM):
                 call.cancel.set()
 
         def produce() -> None:
+            chunks = RainLLM._chunks(call)
             try:
-                for chunk in RainLLM._chunks(call):
+                for chunk in chunks:
                     if call.cancel.is_set():
                         break
                     put(chunk)
             except BaseException as exc:  # handed to the consumer, raised there
                 put(exc)
             finally:
+                chunks.close()  # releases the engine's cached prefixes now, in this thread
                 put(_END)
 
         threading.Thread(target=produce, name="rain-search", daemon=True).start()

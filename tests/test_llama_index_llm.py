@@ -21,6 +21,7 @@ from llama_index.core.instrumentation.events.llm import (
     LLMCompletionStartEvent,
 )
 from llama_index.core.llms import LLM
+from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 from pydantic import BaseModel, Field
 
@@ -294,6 +295,19 @@ def test_required_tool_call_is_grammar_constrained(llm: RainLLM) -> None:
     assert response.message.content == ""  # the whole answer was the call
     out = llm.predict_and_call([FESTIVAL], "When is it?", tool_required=True, **TOOLS_CFG)
     assert out.response in ("October", "May") and not out.sources[0].is_error
+
+
+async def test_structured_predict_returns_a_valid_object(llm: RainLLM) -> None:
+    # LlamaIndex turns the class into a required tool call: the grammar makes it valid.
+    prompt = PromptTemplate("Which town hosts the {event}?")
+    got = llm.structured_predict(
+        FestivalArgs, prompt, llm_kwargs={"max_new_tokens": 32}, event="Zorblat festival"
+    )
+    assert isinstance(got, FestivalArgs)
+    got = await llm.astructured_predict(
+        FestivalArgs, prompt, llm_kwargs={"max_new_tokens": 32}, event="ferry race"
+    )
+    assert isinstance(got, FestivalArgs)
 
 
 async def test_streamed_tool_call_arrives_whole_in_the_last_chunk(llm: RainLLM) -> None:
