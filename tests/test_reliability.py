@@ -539,3 +539,151 @@ def test_ctrl_c_in_the_cli_releases_the_model_for_the_next_call(
     assert not any(t.name == "rain-search" for t in threading.enumerate())
     again = engine.generate(PROMPTS[1], rubric=RUBRIC, config=SEARCH, seed=1)
     assert _same_answer(answer_of(again), solo[(PROMPTS[1], 1)])
+
+
+# --- 7. the adapters: ChatRain (LangChain) and RainLLM (LlamaIndex) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def chat(engine: RainEngine) -> Any:
+    from langchain_rain import ChatRain
+
+    return ChatRain(engine=engine, rubric=RUBRIC, rain_config=SEARCH, seed=0)
+
+
+@pytest.fixture(scope="module")
+def llm(engine: RainEngine) -> Any:
+    from llama_index_rain import RainLLM
+
+    return RainLLM(engine=engine, rubric=RUBRIC, config=SEARCH)
+
+
+async def _cancel_mid_search(engine: RainEngine, start: Any, at: int = 6) -> int:
+    """Start ``start()`` as a task, cancel it during model forward pass ``at``.
+
+    Waits until the search has released its cached prefixes (it has stopped)
+    and returns how many forward passes started after the task was cancelled.
+    """
+    import asyncio
+
+    before = pins(engine)
+    reached, proceed = threading.Event(), threading.Event()
+    state = {"n": 0, "after": 0, "cancelled": False}
+
+    def hook(*_: Any) -> None:
+        state["n"] += 1
+        if state["cancelled"]:
+            state["after"] += 1
+        if state["n"] == at:
+            reached.set()
+            proceed.wait(10)  # the task is cancelled while this pass is in progress
+
+    handle = engine.backend.model.register_forward_pre_hook(hook)  # type: ignore[attr-defined]
+    try:
+        task = asyncio.ensure_future(start())
+        assert await asyncio.to_thread(reached.wait, 60), "the search never started"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        state["cancelled"] = True
+        proceed.set()
+        deadline = time.monotonic() + 30
+        while pins(engine) != before and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert pins(engine) == before, "the cancelled search kept its cache (still running?)"
+    finally:
+        proceed.set()
+        handle.remove()
+    return state["after"]
+
+
+async def _consume(aiter: Any) -> list[Any]:
+    return [item async for item in aiter]
+
+
+async def test_chatrain_ainvoke_cancelled_stops_the_search(
+    engine: RainEngine, chat: Any, solo: dict[Any, dict[str, Any]], no_leak: None
+) -> None:
+    long_chat = chat.model_copy(update={"rain_config": LONG})
+    after = await _cancel_mid_search(engine, lambda: long_chat.ainvoke(PROMPTS[0]))
+    assert after <= 1, f"{after} forward passes started after the task was cancelled"
+    again = await chat.ainvoke(PROMPTS[0])
+    assert again.content == solo[(PROMPTS[0], 0)]["text"]
+
+
+async def test_chatrain_astream_cancelled_stops_the_search(
+    engine: RainEngine, chat: Any, no_leak: None
+) -> None:
+    long_chat = chat.model_copy(update={"rain_config": LONG})
+    after = await _cancel_mid_search(engine, lambda: _consume(long_chat.astream(PROMPTS[1])), at=20)
+    assert after <= 1, f"{after} forward passes started after the task was cancelled"
+
+
+async def test_rainllm_acomplete_and_astream_cancelled_stop_the_search(
+    engine: RainEngine, llm: Any, solo: dict[Any, dict[str, Any]], no_leak: None
+) -> None:
+    after = await _cancel_mid_search(engine, lambda: llm.acomplete(PROMPTS[2], config=LONG))
+
+    async def stream() -> list[Any]:
+        return await _consume(await llm.astream_complete(PROMPTS[2], config=LONG))
+
+    after_stream = await _cancel_mid_search(engine, stream, at=20)
+    assert after <= 1 and after_stream <= 1
+    again = await llm.acomplete(PROMPTS[2], seed=1)
+    assert again.text == solo[(PROMPTS[2], 1)]["text"]
+
+
+async def test_concurrent_async_calls_get_their_solo_answers(
+    chat: Any, llm: Any, solo: dict[Any, dict[str, Any]], no_leak: None
+) -> None:
+    import asyncio
+
+    lc = [chat.ainvoke(p) for p in PROMPTS]
+    li = [llm.acomplete(p, seed=1) for p in PROMPTS]
+    results = await asyncio.gather(*lc, *li)
+    for p, msg in zip(PROMPTS, results[:3], strict=True):
+        assert msg.content == solo[(p, 0)]["text"]
+        assert msg.response_metadata["rain_trace"] == solo[(p, 0)]["trace"]
+    for p, resp in zip(PROMPTS, results[3:], strict=True):
+        assert resp.text == solo[(p, 1)]["text"]
+        assert resp.additional_kwargs["rain_trace"] == solo[(p, 1)]["trace"]
+
+
+def test_chatrain_batch_with_max_concurrency(
+    chat: Any, solo: dict[Any, dict[str, Any]], no_leak: None
+) -> None:
+    messages = chat.batch(list(PROMPTS), config={"max_concurrency": 2})
+    assert [m.content for m in messages] == [solo[(p, 0)]["text"] for p in PROMPTS]
+
+
+def test_adapters_report_a_spent_budget_in_their_metadata(
+    chat: Any, llm: Any, no_leak: None
+) -> None:
+    timed = chat.model_copy(update={"rain_config": LONG, "timeout": 0.05})
+    msg = timed.invoke(PROMPTS[0])
+    assert msg.content and msg.response_metadata["rain_stats"]["budget_exhausted"] == "max_time_s"
+    resp = llm.complete(PROMPTS[0], config=LONG, max_iterations=2)
+    assert resp.text and resp.additional_kwargs["rain_stats"]["budget_exhausted"] == (
+        "max_iterations"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"input": "   "}, RainInputError),
+        ({"input": "hi", "rubric": "kindness"}, RubricError),
+        ({"input": "hi", "c": -1.0}, RainConfigError),
+        ({"input": "hi", "T_m": 99}, RainConfigError),
+    ],
+    ids=["blank", "unknown_rubric", "negative_c", "T_m_over_T"],
+)
+def test_adapters_raise_the_engine_errors(
+    chat: Any, llm: Any, kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    kwargs = dict(kwargs)
+    prompt = kwargs.pop("input")
+    with pytest.raises(error):
+        chat.invoke(prompt, **kwargs)
+    with pytest.raises(error):
+        llm.complete(prompt, **kwargs)
