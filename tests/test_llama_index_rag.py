@@ -144,6 +144,18 @@ async def test_aquery_uses_the_rubric_of_the_context_manager(
     assert events.rubrics() == ["positive"]
 
 
+async def test_async_streaming_query_keeps_its_rubric(
+    index: VectorStoreIndex, llm: RainLLM, events: _Events
+) -> None:
+    engine = index.as_query_engine(llm=llm, similarity_top_k=2, streaming=True)
+    with rain_rubric("positive"):
+        streaming = await engine.aquery(QUESTION)
+    text = "".join([t async for t in streaming.async_response_gen()])
+    ((_, end),) = events.chats()
+    assert end.response.additional_kwargs["rubric"] == "positive"
+    assert text == end.response.message.content
+
+
 def test_condense_plus_context_chat_engine_multi_turn(
     index: VectorStoreIndex, llm: RainLLM, events: _Events
 ) -> None:
