@@ -35,7 +35,7 @@ def test_smollm2_writes_a_short_answer_with_the_positive_rubric(default_engine) 
     assert result.finish_reason in {"stop", "length"}
     assert result.stats.commits == len(result.trace) >= 1
     assert result.stats.iterations >= TINY.T_m
-    assert result.stats.final_score in {-1.0, 0.0, 1.0}  # hard verdicts, two orders
+    assert result.stats.final_score is not None and -1.0 <= result.stats.final_score <= 1.0
     # The answer is real English from the real model, not the tiny model's noise.
     assert any(ch.isalpha() for ch in result.text)
 
