@@ -190,9 +190,12 @@ async def test_async_runs_off_the_event_loop(llm: RainLLM) -> None:
             ticks += 1
 
     task = asyncio.create_task(ticker())
-    await llm.achat(HI, max_new_tokens=12)
+    started = time.monotonic()
+    await llm.achat(HI, max_new_tokens=24, T=4, min_new_iterations=3)
+    elapsed = time.monotonic() - started
     task.cancel()
-    assert ticks > 3  # the loop kept turning while the search ran
+    assert elapsed > 0.1, "the search was too short to tell"
+    assert ticks >= 5  # the loop kept turning while the search ran
 
 
 async def test_cancelling_a_task_stops_the_search(llm: RainLLM) -> None:
