@@ -103,6 +103,10 @@ def test_model_ids_share_one_engine_through_load_engine(tiny_engine) -> None:
     load_engine("li-test/tiny", factory=lambda: tiny_engine)
     a, b = RainLLM("li-test/tiny"), RainLLM(model="li-test/tiny", rubric="truthful")
     assert a.engine is b.engine is tiny_engine
+    # The LangChain adapter resolves the same id to the same engine: weights load once.
+    from langchain_rain import ChatRain
+
+    assert ChatRain(model="li-test/tiny").rain_engine is tiny_engine
 
 
 def test_construction_errors(tiny_model, smol_tokenizer, tiny_engine) -> None:
