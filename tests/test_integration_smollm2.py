@@ -14,11 +14,11 @@ pytestmark = pytest.mark.integration
 
 TINY = RainConfig(
     num_candidates=3,
-    T=4,
-    min_new_iterations=2,
-    T_m=2,
-    max_new_tokens=8,
-    simulation_max_tokens=6,
+    T=3,
+    min_new_iterations=1,
+    T_m=1,
+    max_new_tokens=6,
+    simulation_max_tokens=4,
     similarity_update=False,
     dynamic_addition=False,
     seed=0,
