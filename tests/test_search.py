@@ -365,6 +365,60 @@ def test_search_commits_early_after_t_m_when_the_best_child_reaches_v() -> None:
     assert [c["iterations"] for c in result.trace if not c["forced"]] == [3] * len(result.trace)
 
 
+# --- whole trees, worked out by hand (mctx-style snapshots) ----------------------------
+
+
+def _snapshot(lm: ScriptedLM, node: Node) -> tuple:
+    """(text, n, v, children) with n and v rounded, children in tree order."""
+    kids = tuple(_snapshot(lm, k) for k in node.children)
+    text = lm.decode(node.token_ids) if node.token_ids != (0,) else "<eos>"
+    return (text, round(node.visits, 6), round(node.value, 6), kids)
+
+
+def test_four_iterations_build_the_tree_the_formulas_predict() -> None:
+    """One-token sets, no rollouts: every step is determined, so the tree is known.
+
+    Priors b 0.7, g 0.3; mixed at the root: b 0.65, g 0.35. The judge scores a
+    text starting with "b" -1, with "g" +1, the empty text 0.
+    1. root is a leaf: expand (b, g); judge "" = 0.        root n1 v0
+    2. b: 0 + 2·0.65·1/1 = 1.30 > g: 2·0.35·1/1 = 0.70;  expand b (a, eos); "b" = -1
+    3. √2: b 0 + 2·0.65·√2/2 = 0.92 < g 0 + 2·0.35·√2/1 = 0.99;  expand g; "g" = +1
+    4. √3: b 0 + 2·0.65·√3/2 = 1.13 < g 1 + 2·0.35·√3/2 = 1.61; below g (no mixing)
+       o: 0 + 2·1·1/1 = 2 wins over eos; expand o; "go" = +1
+    """
+    from shared_core.search import iterate
+
+    lm = ScriptedLM(choice_table({"bad.": 0.7, "good.": 0.3}))
+
+    def judge(text: str) -> float:
+        return -1.0 if text.startswith("b") else 1.0 if text.startswith("g") else 0.0
+
+    cfg = _cfg(
+        num_candidates=2, token_set_lengths=(1,), simulate=False, c=2.0, root_prior_mix=0.25,
+        similarity_update=False, dynamic_addition=False,
+    )  # fmt: skip
+    ctx = make_context(lm, ScriptedEvaluator(judge), cfg)
+    tree = Tree()
+    scores = [iterate(ctx, tree).score for _ in range(4)]
+    assert scores == [0.0, -1.0, 1.0, 1.0]
+    assert _snapshot(lm, tree.root) == (
+        "", 4.0, 0.25, (
+            ("b", 1.0, -1.0, (("a", 0.0, 0.0, ()), ("<eos>", 0.0, 0.0, ()))),
+            ("g", 2.0, 1.0, (
+                ("o", 1.0, 1.0, (("o", 0.0, 0.0, ()), ("<eos>", 0.0, 0.0, ()))),
+                ("<eos>", 0.0, 0.0, ()),
+            )),
+        ),
+    )  # fmt: skip
+    b, g = tree.root.children
+    assert (b.prior, g.prior) == (pytest.approx(0.7, abs=1e-4), pytest.approx(0.3, abs=1e-4))
+    assert b.is_greedy and not g.is_greedy
+    assert ctx.stats.rewinds == 1  # iteration 3 left b for g
+    # The commit rule now takes g: most visited, and its value 1 ≥ V.
+    assert choose_commit(tree.root) is g
+    assert should_commit(tree.root, 4, _cfg(T_m=3, V=0.8))
+
+
 # --- the core promise, end to end -----------------------------------------------------
 
 
