@@ -144,6 +144,64 @@ def test_select_walks_to_a_leaf_and_stops_at_terminal_nodes() -> None:
     assert select(tree, _cfg()) == [tree.root, mid]
 
 
+# --- 2. expansion and 3. simulation ----------------------------------------------------
+
+
+def _chain(lm: ScriptedLM, *texts: str) -> list[Node]:
+    """A path root → texts[0] → texts[1] ... (each node one token set)."""
+    path = [Node(())]
+    for text in texts:
+        node = Node(tuple(lm.encode(text)))
+        path[-1].add_children([node])
+        path.append(node)
+    return path
+
+
+def test_one_token_sets_are_the_top_k_tokens_with_renormalised_priors() -> None:
+    from shared_core.search import expand
+
+    lm = ScriptedLM(choice_table({"bad.": 0.6, "good.": 0.3, "fine.": 0.1}))
+    ctx = make_context(lm, ScriptedEvaluator(lambda t: 0.0), _cfg(num_candidates=2))
+    path = _chain(lm)
+    kids = expand(ctx, path)
+    assert [lm.decode(k.token_ids) for k in kids] == ["b", "g"]
+    assert [k.prior for k in kids] == [pytest.approx(2 / 3, abs=1e-4), pytest.approx(1 / 3, 1e-3)]
+    assert [k.is_greedy for k in kids] == [True, False]
+
+
+def test_longer_sets_are_a_greedy_run_plus_distinct_samples() -> None:
+    from shared_core.search import expand
+
+    lm = ScriptedLM(choice_table({"bad.": 0.7, "good.": 0.3}))
+    cfg = _cfg(num_candidates=8, token_set_lengths=(1, 2))
+    ctx = make_context(lm, ScriptedEvaluator(lambda t: 0.0), cfg)
+    path = [Node((), depth=1)]  # a node one level down: its children are 2-token sets
+    kids = expand(ctx, path)
+    texts = [lm.decode(k.token_ids) for k in kids]
+    assert texts[:2] == ["ba", "go"] and len(set(texts)) == len(texts)
+    assert kids[0].is_greedy
+    # Prior of a set: product of its token probabilities, normalised over siblings.
+    assert kids[0].prior == pytest.approx(0.7, abs=1e-3)
+    assert kids[1].prior == pytest.approx(0.3, abs=1e-3)
+
+
+def test_simulation_rolls_out_to_the_end_of_the_clause() -> None:
+    from shared_core.search import simulate
+
+    lm = ScriptedLM(choice_table({"ab, cd.": 1.0}))
+
+    def rollout(*texts: str, **cfg: object) -> str:
+        ctx = make_context(lm, ScriptedEvaluator(lambda t: 0.0), _cfg(**cfg))
+        return lm.decode(simulate(ctx, _chain(lm, *texts)))
+
+    assert rollout("a") == "b,"  # stops after the delimiter
+    assert rollout("ab,", " c") == "d."
+    assert rollout("ab,") == ""  # the clause is already complete
+    assert rollout("a", simulation_max_tokens=1) == "b"
+    assert rollout("a", simulate=False) == ""
+    assert rollout("ab, cd.") == ""  # "." ends the clause; end of text comes next
+
+
 # --- 4. back-up ----------------------------------------------------------------------------
 
 
