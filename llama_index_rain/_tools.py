@@ -145,7 +145,14 @@ def plan_tools(
     return ToolPlan(specs=specs, required=required)
 
 
-def format_call(call: Mapping[str, Any]) -> str:
-    """How an earlier call appears in the conversation shown to the model."""
-    body = {"name": call.get("name"), "arguments": dict(call.get("arguments") or {})}
+def format_call(call: Any) -> str:
+    """How an earlier call appears in the conversation shown to the model.
+
+    ``call`` is one of ours (``{id, name, arguments}``) or a ``ToolSelection``.
+    """
+    if isinstance(call, Mapping):
+        name, args = call.get("name"), call.get("arguments")
+    else:
+        name, args = getattr(call, "tool_name", None), getattr(call, "tool_kwargs", None)
+    body = {"name": name, "arguments": dict(args or {})}
     return f"{CALL_OPEN}{json.dumps(body, ensure_ascii=False)}{CALL_CLOSE}"

@@ -1,6 +1,6 @@
 """RainLLM: RAIN as a LlamaIndex ``LLM`` (RAG query engines, chat engines, agents).
 
-One private path feeds all nine endpoints: ``_start`` resolves the rubric and
+One private path feeds all eight calling endpoints: ``_start`` resolves the rubric and
 config, renders the prompt and validates it (``engine.stream``); ``_chunks``
 turns the engine's committed token sets into ``(delta, text, extra)`` tuples.
 The sync endpoints consume ``_chunks`` directly, the async ones run it in a
@@ -83,13 +83,14 @@ def rain_rubric(rubric: RubricSpec) -> Iterator[Rubric]:
     Query engines, chat engines and agents do not forward LLM keywords, so this
     context variable is how a pipeline picks the preference. It is read when a
     call starts, and a streaming query or chat response synthesized inside the
-    block keeps the rubric even if it is consumed after the block ends. Unknown rubrics raise
-    :class:`~shared_core.RubricError` here, at entry.
+    block keeps the rubric even if it is consumed after the block ends. Unknown
+    rubrics raise :class:`~shared_core.RubricError` here, at entry.
     """
+    resolved = get_rubric(rubric)
     _install_stream_binder()
-    token = _RUBRIC.set(get_rubric(rubric))
+    token = _RUBRIC.set(resolved)
     try:
-        yield _RUBRIC.get()  # type: ignore[misc]
+        yield resolved
     finally:
         _RUBRIC.reset(token)
 
