@@ -202,8 +202,12 @@ def build_config(
 def _explain(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "config"
         msg = err["msg"]
+        if not err["loc"]:
+            # A rule between fields: the message names them; the input is the whole config.
+            lines.append(f"RainConfig: {msg.removeprefix('Value error, ')}")
+            continue
+        field = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             known = ", ".join(sorted(RainConfig.model_fields))
             msg = f"unknown setting; known settings are: {known}"
