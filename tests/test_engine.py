@@ -157,6 +157,23 @@ def test_the_tiny_engine_fixture_runs_with_the_shared_quick_config(
     assert result.stats.similarity_updates == 0 and result.stats.dynamic_additions == 0
 
 
+@pytest.mark.parametrize("stops", [(), ("END",)])
+def test_streamed_text_never_shows_half_characters_or_takes_text_back(
+    engine: RainEngine, stops: tuple[str, ...]
+) -> None:
+    from shared_core.engine import _TextEmitter
+
+    # Byte-level BPE splits the emoji and accented letters over several tokens.
+    text = "Café 🙂 naïve — 東京 ok"
+    ids = engine.backend.encode(text)
+    assert engine.backend.decode(ids) == text and len(ids) > len(text.split())
+    emitter = _TextEmitter(engine.backend, stops)
+    deltas = [emitter.push(ids[: i + 1], final=False) for i in range(len(ids) - 1)]
+    deltas.append(emitter.push(ids, final=True))
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
 # --- stop strings and cancellation, on the scripted model ------------------------------------
 
 
