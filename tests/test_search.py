@@ -525,6 +525,19 @@ def test_rain_agrees_with_greedy_when_the_judge_is_indifferent() -> None:
     assert result.stats.overrides == 0
 
 
+def test_greedy_early_commit_takes_a_good_greedy_set_at_once() -> None:
+    # The fast preset's shortcut: iteration 1 judges the root, iteration 2 the
+    # greedy child; when that scores ≥ V it is committed without more search.
+    engine, _ = _bad_good_engine(lambda t: 1.0)
+    cfg = _cfg(**CORE_CFG, greedy_early_commit=True)
+    result = engine.generate("say something", config=cfg)
+    assert result.text == "bad."
+    assert result.trace[0]["iterations"] == 2 and result.trace[0]["greedy_agrees"]
+    # A greedy set the judge dislikes is not taken early: RAIN still rewinds.
+    engine, _ = _bad_good_engine()
+    assert engine.generate("say something", config=cfg).text == "good."
+
+
 def test_same_seed_same_output_and_trace() -> None:
     cfg = _cfg(**CORE_CFG, seed=7)
     a = _bad_good_engine()[0].generate("say something", config=cfg)
