@@ -538,6 +538,16 @@ def test_greedy_early_commit_takes_a_good_greedy_set_at_once() -> None:
     assert engine.generate("say something", config=cfg).text == "good."
 
 
+def test_an_iteration_budget_is_honoured_and_the_answer_ends_cleanly() -> None:
+    engine, _ = _bad_good_engine()
+    for budget, text in ((1, "bad."), (3, "good.")):
+        result = engine.generate("say something", config=_cfg(**CORE_CFG, max_iterations=budget))
+        assert result.stats.iterations == budget
+        assert result.stats.budget_exhausted == "max_iterations"
+        assert result.text == text  # finished greedily to the end of the sentence
+        assert "clean stop" in result.trace[-1]["forced"]
+
+
 def test_same_seed_same_output_and_trace() -> None:
     cfg = _cfg(**CORE_CFG, seed=7)
     a = _bad_good_engine()[0].generate("say something", config=cfg)
