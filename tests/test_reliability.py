@@ -687,3 +687,17 @@ def test_adapters_raise_the_engine_errors(
         chat.invoke(prompt, **kwargs)
     with pytest.raises(error):
         llm.complete(prompt, **kwargs)
+
+
+def test_sync_adapter_streams_left_early_release_the_search(
+    chat: Any, llm: Any, engine: RainEngine, no_leak: None
+) -> None:
+    before = pins(engine)
+    for chunk in chat.stream(PROMPTS[0]):
+        assert chunk.content
+        break
+    assert pins(engine) == before
+    for response in llm.stream_complete(PROMPTS[0]):
+        assert response.delta
+        break
+    assert pins(engine) == before
