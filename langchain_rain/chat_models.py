@@ -286,7 +286,7 @@ class ChatRain(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "rain"
-        params["ls_model_name"] = self.model_name
+        params["ls_model_name"] = kwargs.get("model") or self.model_name
         params["ls_model_type"] = "chat"
         temperature = kwargs.get("temperature", self.temperature)
         if temperature is not None:
@@ -408,7 +408,8 @@ class ChatRain(BaseChatModel):
     ) -> _CallPlan:
         kwargs = {k: v for k, v in kwargs.items() if k not in _LC_INTERNAL}
         tools = resolve_tools(kwargs.pop("tools", None), kwargs.pop("tool_choice", None))
-        engine = self.rain_engine
+        other = kwargs.pop("model", None)  # a per-call model: loaded once, then shared
+        engine = load_engine(other, kwargs.pop("gguf_file", None)) if other else self.rain_engine
         rubric = engine.resolve_rubric(kwargs.pop("rubric", self.rubric))
         include_trace = bool(kwargs.pop("include_trace", self.include_trace))
         cfg = engine.resolve_config(self.rain_config)
@@ -428,7 +429,7 @@ class ChatRain(BaseChatModel):
             name = _LC_TO_RAIN.get(key, key)
             if name not in _RAIN_FIELDS:
                 raise RainInputError(
-                    f"ChatRain got an unknown option {key!r}; use rubric, rain_config, "
+                    f"ChatRain got an unknown option {key!r}; use rubric, rain_config, model, "
                     f"include_trace, tools, tool_choice, max_tokens, timeout or a RainConfig "
                     f"setting ({', '.join(sorted(_RAIN_FIELDS))})"
                 )
@@ -536,9 +537,10 @@ class ChatRain(BaseChatModel):
             response_metadata=metadata,
             chunk_position="last",
         )
-        return ChatGenerationChunk(
-            message=message, generation_info={"finish_reason": result.finish_reason}
-        )
+        info: dict[str, Any] = {"finish_reason": result.finish_reason}
+        if invalid:
+            info["invalid_tool_calls"] = invalid
+        return ChatGenerationChunk(message=message, generation_info=info)
 
     def _stream(
         self,
@@ -560,7 +562,7 @@ class ChatRain(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        return _settle(generate_from_stream(self._stream(messages, stop, run_manager, **kwargs)))
 
     async def _astream(
         self,
@@ -626,7 +628,23 @@ class ChatRain(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         chunks = [c async for c in self._astream(messages, stop, run_manager, **kwargs)]
-        return generate_from_stream(iter(chunks))
+        return _settle(generate_from_stream(iter(chunks)))
+
+
+def _settle(result: ChatResult) -> ChatResult:
+    """Keep unparsable tool calls invalid.
+
+    Merging chunks re-reads an invalid call's text with a forgiving partial-JSON
+    parser, which would turn a truncated call into a "valid" call with no name.
+    """
+    gen = result.generations[0]
+    invalid = (gen.generation_info or {}).pop("invalid_tool_calls", None)
+    if invalid and isinstance(gen.message, AIMessage):
+        bad_ids = {c["id"] for c in invalid}
+        gen.message.tool_calls = [c for c in gen.message.tool_calls if c["id"] not in bad_ids]
+        gen.message.invalid_tool_calls = invalid
+        gen.message.response_metadata.pop("invalid_tool_calls", None)
+    return result
 
 
 @dataclass
