@@ -189,10 +189,30 @@ PRESETS: dict[str, Rubric] = {
         instruction="You judge the sentiment of texts.",
         question="Is the sentiment of this text positive or negative? "
         "Answer with one word: positive or negative.",
-        good=RubricOption(label="positive", text="The text is positive."),
-        bad=RubricOption(label="negative", text="The text is negative."),
+        good=RubricOption(label="positive", text="The text praises or enjoys."),
+        bad=RubricOption(label="negative", text="The text complains or criticises."),
+        # Measured on SmolLM2-135M (benchmarks/alignment.py, 40 labelled texts): the bare
+        # prompt scored 50 %; a sentence the label completes, four short examples (the
+        # negatives last, against the model's lean to "positive") and option texts that
+        # say what each side does lift it to 94 % (hard votes, both option orders).
+        examples=(
+            RubricExample(
+                prompt="", response="The story is clever and the ending made me smile.", good=True
+            ),
+            RubricExample(
+                prompt="", response="The plot is dull and the acting is painfully bad.", good=False
+            ),
+            RubricExample(
+                prompt="",
+                response="A warm, funny film that I would happily watch again.",
+                good=True,
+            ),
+            RubricExample(
+                prompt="", response="I was bored the whole time and left early.", good=False
+            ),
+        ),
         include_prompt=False,
-        answer_prefix="",
+        answer_prefix="The sentiment of the text is",
     ),
 }
 
