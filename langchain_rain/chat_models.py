@@ -178,6 +178,8 @@ class _TextGate:
         if self.mute:
             return ""
         end = len(self.text)
+        if self.watch and self.text.lstrip().startswith("{"):
+            return ""  # may be a bare JSON call: decided at the end
         if self.watch:
             at = self.text.find(TOOL_CALL_OPEN)
             if at >= 0:

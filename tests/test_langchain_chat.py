@@ -414,3 +414,15 @@ def test_tool_call_json_is_what_the_prompt_shows() -> None:
     schema = setup.call_schema()
     assert schema["properties"]["name"] == {"const": "get_weather"}
     assert json.dumps(schema)  # plain JSON, ready for the grammar compiler
+
+
+def test_stream_gate_holds_back_tool_calls() -> None:
+    from langchain_rain.chat_models import _TextGate
+
+    gate = _TextGate(resolve_tools([get_weather], None))
+    shown = [gate.push(d) for d in ["Let me", " check.<tool", '_call>{"name":', "}</tool_call>"]]
+    assert "".join(shown) == "Let me check."  # the call itself never streams as text
+    bare = _TextGate(resolve_tools([get_weather], None))
+    assert bare.push('{"name": "get_weather"') == ""  # a bare JSON call is held too
+    plain = _TextGate(None)
+    assert plain.push("<tool") == "<tool"  # no tools bound: nothing is held
