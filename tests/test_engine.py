@@ -293,6 +293,33 @@ def test_invalid_config_in_a_call_is_a_clear_error(
         engine.generate("hi", **kwargs)
 
 
+def test_per_call_config_refines_the_engines_and_presets_start_fresh() -> None:
+    engine = RainEngine(
+        backend=ScriptedLM(choice_table({"ok.": 1.0})),
+        evaluator=ScriptedEvaluator(lambda t: 1.0),
+        config={"T": 9, "min_new_iterations": 3, "seed": 4},
+    )
+    assert engine.resolve_config().T == 9
+    merged = engine.resolve_config({"V": 0.5}, max_new_tokens=7)
+    assert (merged.T, merged.seed, merged.V, merged.max_new_tokens) == (9, 4, 0.5, 7)
+    assert engine.resolve_config({"preset": "fast"}) == RainConfig.fast()
+    assert engine.resolve_config(RainConfig(c=1.0)).c == 1.0
+
+
+def test_load_engine_caches_one_engine_per_model() -> None:
+    from shared_core import load_engine
+
+    made: list[RainEngine] = []
+
+    def factory() -> RainEngine:
+        made.append(_scripted_engine("ok."))
+        return made[-1]
+
+    first = load_engine("scripted-test-model", factory=factory)
+    assert load_engine("scripted-test-model", factory=factory) is first
+    assert len(made) == 1
+
+
 def test_an_engine_needs_a_model() -> None:
     with pytest.raises(RainError, match="from_default"):
         RainEngine()
