@@ -269,6 +269,16 @@ def test_a_prompt_longer_than_the_context_window_is_refused(engine: RainEngine) 
     assert engine.backend.work.forward_calls == calls
 
 
+def test_a_prompt_that_fits_the_model_but_not_the_judge_is_a_clear_error(
+    engine: RainEngine,
+) -> None:
+    # The few-shot judge prompt adds ~1,000 tokens around the user's prompt.
+    prompt = "hello " * (engine.context_window - 600)
+    assert len(engine.prompt_ids(prompt)) < engine.context_window
+    with pytest.raises(RainInputError, match="context window"):
+        engine.generate(prompt, rubric="harmless", config=_full_config(max_new_tokens=2))
+
+
 def test_unknown_rubric_lists_the_known_ones(engine: RainEngine) -> None:
     with pytest.raises(RubricError, match="known presets are: harmless, positive, truthful"):
         engine.generate("hi", rubric="polite")
