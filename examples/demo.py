@@ -45,6 +45,8 @@ RAG_QUERIES = (
     ("truthful", "When is the Zorblat festival held?"),
 )
 COLUMN = 46
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+WEAK_RUBRICS = ("truthful", "harmless")  # rubrics the 135M model cannot judge well
 SMALL_MODEL_NOTE = (
     "Rubric choice: SmolLM2-135M judges sentiment ('positive') fairly well, but it cannot "
     "judge harm (50 % on a labelled set, every verdict the same) and judges truthfulness "
@@ -222,17 +224,14 @@ def run_rag(engine: Any, config: Any) -> list[Any]:
 
     from llama_index_rain import RainLLM, rain_rubric
 
+    last: dict[str, Any] = {}  # the messages and final response of the latest chat call
+
     class _LastChat(BaseEventHandler):
-        """Keeps the messages and final response of the latest LLM chat call."""
-
-        messages: Any = None
-        response: Any = None
-
         def handle(self, event: Any, **kwargs: Any) -> None:
             if isinstance(event, LLMChatStartEvent):
-                self.messages = event.messages
+                last["messages"] = event.messages
             elif isinstance(event, LLMChatEndEvent):
-                self.response = event.response
+                last["response"] = event.response
 
     print("\n=== Part 2 · LlamaIndex: VectorStoreIndex -> query engine (RainLLM) ===")
     print("  (loading the bundled all-MiniLM-L6-v2 and indexing 4 documents ...)")
@@ -242,40 +241,45 @@ def run_rag(engine: Any, config: Any) -> list[Any]:
     Settings.llm = RainLLM(engine=engine, config=config)
     index = VectorStoreIndex.from_documents([Document(text=t) for t in FACTS])
     query_engine = index.as_query_engine(similarity_top_k=1, streaming=True)
-    last = _LastChat()
-    get_dispatcher().add_event_handler(last)
+    handler = _LastChat()
+    dispatcher = get_dispatcher()
+    dispatcher.add_event_handler(handler)
     rows: list[Any] = []
-    for rubric, question in RAG_QUERIES:
-        started = time.perf_counter()
-        with progress(config.max_new_tokens, f"RAIN [{rubric}]") as bar:
-            with rain_rubric(rubric):
-                response = query_engine.query(question)
-            assert isinstance(response, StreamingResponse) and response.response_gen is not None
-            text = ""
-            for delta in response.response_gen:  # one delta per committed token set
-                text += delta
-                bar.commit(len(engine.backend.encode(delta)), None)
-        stats = dict(last.response.additional_kwargs) if last.response is not None else {}
-        elapsed = float(stats.get("elapsed_s", time.perf_counter() - started))
-        # Vanilla on exactly the prompt the query engine sent (retrieved context included).
-        messages = [
-            {"role": str(getattr(m.role, "value", m.role)), "content": m.content or ""}
-            for m in last.messages
-        ]
-        vanilla = engine.vanilla(messages, max_new_tokens=config.max_new_tokens)
-        source = response.source_nodes[0].node.get_content() if response.source_nodes else ""
-        rows.append(
-            _compare(
-                engine,
-                f"[query engine · rubric={rubric}] {question}\n  retrieved: {source}",
-                messages,
-                rubric,
-                vanilla,
-                text,
-                stats.get("rain_stats", stats),
-                elapsed,
+    try:
+        for rubric, question in RAG_QUERIES:
+            started = time.perf_counter()
+            with progress(config.max_new_tokens, f"RAIN [{rubric}]") as bar:
+                with rain_rubric(rubric):
+                    response = query_engine.query(question)
+                assert isinstance(response, StreamingResponse) and response.response_gen is not None
+                text = ""
+                for delta in response.response_gen:  # one delta per committed token set
+                    text += delta
+                    bar.commit(len(engine.backend.encode(delta)), None)
+            final = last.get("response")
+            stats = dict(final.additional_kwargs) if final is not None else {}
+            elapsed = float(stats.get("elapsed_s", time.perf_counter() - started))
+            # Vanilla on exactly the prompt the query engine sent (retrieved context included).
+            messages = [
+                {"role": str(getattr(m.role, "value", m.role)), "content": m.content or ""}
+                for m in last["messages"]
+            ]
+            vanilla = engine.vanilla(messages, max_new_tokens=config.max_new_tokens)
+            source = response.source_nodes[0].node.get_content() if response.source_nodes else ""
+            rows.append(
+                _compare(
+                    engine,
+                    f"[query engine · rubric={rubric}] {question}\n  retrieved: {source}",
+                    messages,
+                    rubric,
+                    vanilla,
+                    text,
+                    stats.get("rain_stats", stats),
+                    elapsed,
+                )
             )
-        )
+    finally:
+        dispatcher.event_handlers.remove(handler)
     return rows
 
 
@@ -302,6 +306,9 @@ def _compare(
     van_row = {"name": "vanilla (greedy)", "text": vanilla.text, "score": v_score}
     van_row["time"] = vanilla.elapsed_s
     side_by_side(title, [van_row, rain_row])
+    if rubric in WEAK_RUBRICS and engine.model_name == DEFAULT_MODEL:
+        print(f"  note: SmolLM2-135M is not a reliable judge for '{rubric}'; read these scores")
+        print("  as the mechanics of the search, not as a verdict on the answers.")
     return {"vanilla": van_row, "rain": rain_row, "overrides": stats.get("overrides", 0)}
 
 
@@ -346,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  time: vanilla {v_time:.1f} s, RAIN {r_time:.1f} s (RAIN is slower: it searches)")
     print(
         "  The scores come from the same small model that searched; they show what the search\n"
-        "  optimised, not independent quality. See README '## Alignment' for measured figures."
+        "  optimised, not independent quality. The README reports measured alignment figures."
     )
     if args.plot:
         from shared_core.plotting import plot_trace
