@@ -20,7 +20,7 @@ from shared_core.backend import LanguageModel
 from shared_core.config import RainConfig, build_config
 from shared_core.constraints import TokenConstraint
 from shared_core.embeddings import Embedder, default_embedder
-from shared_core.errors import RainError, RainInputError
+from shared_core.errors import RainConfigError, RainError, RainInputError
 from shared_core.evaluation import Evaluator, Judgement, SelfEvaluator
 from shared_core.messages import (
     MessagesLike,
@@ -30,7 +30,14 @@ from shared_core.messages import (
 )
 from shared_core.rubric import Rubric, RubricSpec, get_rubric
 from shared_core.sampling import sample_top_k
-from shared_core.search import Commit, EventHandler, SearchContext, SearchStats, run_search
+from shared_core.search import (
+    Commit,
+    EventHandler,
+    RainCancelled,
+    SearchContext,
+    SearchStats,
+    run_search,
+)
 
 __all__ = ["RainEngine", "RainResult", "RainStream", "load_engine"]
 
@@ -166,7 +173,7 @@ class RainEngine:
 
             backend = TransformersBackend(model, tokenizer, name=name)
         self.backend = backend
-        self.config = config if isinstance(config, RainConfig) else build_config(dict(config or {}))
+        self.config = config if isinstance(config, RainConfig) else build_config(config)
         self.evaluator = evaluator or SelfEvaluator(
             backend, rubric_cache_size=self.config.rubric_cache_size
         )
@@ -219,8 +226,13 @@ class RainEngine:
         base = self.config
         if isinstance(config, RainConfig):
             base = config
+        elif config is not None and not isinstance(config, Mapping):
+            base = build_config(config)  # a preset name, or a RainConfigError saying what fits
         elif config is not None:
             data = dict(config)
+            bad = [k for k in data if not isinstance(k, str)]
+            if bad:
+                raise RainConfigError(f"config keys must be setting names, got {bad!r:.80}")
             # A preset starts from its own defaults; plain settings refine the engine's.
             base = build_config(data) if "preset" in data else base.merged(**data)
         return base.merged(**overrides) if overrides else base
@@ -325,6 +337,8 @@ class RainEngine:
         holder: dict[str, Any],
     ) -> Iterator[Commit]:
         started = time.perf_counter()
+        if cancel is not None and cancel.is_set():
+            raise RainCancelled("the RAIN search was cancelled by its caller")
         cfg = self._fit_window(cfg, len(prompt_ids))
         session = self.evaluator.session(rubric, conversation_text(msgs), reuse=cfg.reuse_cache)
         needs_embedder = cfg.similarity_update or cfg.dynamic_addition
@@ -340,11 +354,13 @@ class RainEngine:
             constraint=constraint,
         )
         emitter = _TextEmitter(self.backend, cfg.stop)
-        pinned = list(prompt_ids)
-        if cfg.reuse_cache:
-            self.backend.pin(pinned)
+        pinned: list[int] = []  # pinned only once pin() returned: unpin only what we pinned
         trace: list[dict[str, Any]] = []
         try:
+            if cfg.reuse_cache:
+                ctx.check_cancel()
+                self.backend.pin(prompt_ids)
+                pinned = list(prompt_ids)
             for commit, ids in run_search(ctx):
                 ctx.committed.extend(ids)
                 self._check_finish(ctx, ids, emitter)
@@ -354,10 +370,12 @@ class RainEngine:
                 trace.append(commit.to_dict())
                 ctx.emit("commit", commit.to_dict())
                 if cfg.reuse_cache and ctx.finish_reason is None:
+                    ctx.check_cancel()
                     new = prompt_ids + ctx.committed
                     self.backend.pin(new)  # built from the previous pin: only new tokens run
                     self.backend.unpin(pinned)
                     pinned = new
+                    ctx.check_cancel()
                     session.committed(ctx.committed)
                 yield commit
             if ctx.finish_reason is None:
@@ -384,6 +402,7 @@ class RainEngine:
             answer = self._answer_ids(ctx)
             text = emitter.text_of(answer)
             if answer:
+                ctx.check_cancel()
                 with ctx.timed("evaluation"):
                     ctx.stats.final_score = session.score(answer, text).score
             holder["result"] = RainResult(
@@ -399,7 +418,7 @@ class RainEngine:
                 elapsed_s=time.perf_counter() - started,
             )
         finally:
-            if cfg.reuse_cache:
+            if pinned:
                 self.backend.unpin(pinned)
             session.close()
 
@@ -427,6 +446,7 @@ class RainEngine:
             ctx.finish_reason = "length"
 
     def _finish_greedily(self, ctx: SearchContext) -> list[int]:
+        ctx.check_cancel()
         room = ctx.config.max_new_tokens - len(ctx.committed)
         if room <= 0:
             return []

@@ -382,3 +382,37 @@ def test_rubric_parsing_raises_only_rubric_error(spec: Any) -> None:
     else:
         assert isinstance(rubric, Rubric)
         assert rubric.good.label.strip().lower() != rubric.bad.label.strip().lower()
+
+
+@_SETTINGS
+@given(
+    config=st.one_of(
+        st.none(),
+        st.sampled_from(["fast", "default", "turbo", ""]),
+        st.dictionaries(_config_key, _value, max_size=4),
+        _value,
+    ),
+    overrides=st.dictionaries(st.sampled_from(sorted(RainConfig.model_fields)), _value, max_size=2),
+)
+def test_engine_config_resolution_raises_only_rain_config_error(
+    config: Any, overrides: dict[str, Any]
+) -> None:
+    # What generate/stream/vanilla and the adapters do with a per-call config.
+    engine = _scripted_engine()
+    try:
+        resolved = engine.resolve_config(config, **overrides)
+    except RainConfigError as exc:
+        assert str(exc)
+    else:
+        assert isinstance(resolved, RainConfig)
+
+
+_ENGINE: list[Any] = []
+
+
+def _scripted_engine() -> Any:
+    from shared_core import RainEngine
+
+    if not _ENGINE:
+        _ENGINE.append(RainEngine(backend=_random_lm(), evaluator=ScriptedEvaluator(lambda _: 0.0)))
+    return _ENGINE[0]
