@@ -141,8 +141,10 @@ class RainConfig(BaseModel):
         """A latency preset.
 
         Fewer candidates (4), a smaller search per commit (T=12, at least 4 new
-        iterations, T_m=2), ``greedy_early_commit`` (when the model's own greedy
-        continuation already scores ≥ V it is committed at once), and no
+        iterations, T_m=2), ``greedy_early_commit`` with V=0.5 (when the model's
+        own greedy continuation already scores ≥ V it is committed at once; with
+        hard verdicts a single evaluation is ≥ 0.5 only when both orders approve,
+        while soft scores, which rarely reach 0.8, can pass it), and no
         similarity update or dynamic addition (no sentence embeddings to compute).
         Trade-off: less look-ahead and no sharing of scores between similar
         siblings, so a bad branch that only shows later is caught less often.
@@ -153,6 +155,7 @@ class RainConfig(BaseModel):
             "min_new_iterations": 4,
             "T_m": 2,
             "greedy_early_commit": True,
+            "V": 0.5,
             "simulation_max_tokens": 16,
             "similarity_update": False,
             "dynamic_addition": False,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,8 +267,12 @@ def _hits_stop_string(ctx: SearchContext, uncommitted: list[int]) -> bool:
 
 def _candidate_sets(
     ctx: SearchContext, path: list[Node], length: int, n: int, greedy: bool, exclude: set
-) -> list[tuple[list[int], float, bool]]:
-    """Distinct token sets after ``path``: (tokens, log-prob, is_greedy)."""
+) -> tuple[list[tuple[list[int], float, bool]], list[int]]:
+    """Distinct token sets after ``path``: (tokens, log-prob, is_greedy).
+
+    Also returns the first sampled row as drawn (before de-duplication): a
+    sample of the continuation that a rollout may start from.
+    """
     response = ctx.committed + path_tokens(path)
     prefix = ctx.prompt_ids + response
     if length == 1:
@@ -284,7 +288,7 @@ def _candidate_sets(
             out.append(([int(tok)], float(logprobs[tok]), greedy and rank == 0))
             if len(out) == n:
                 break
-        return out
+        return out, []
     # Longer sets: one greedy run plus samples from the top-k distribution.
     cfg = ctx.config
     pick = _sampler(
@@ -298,15 +302,22 @@ def _candidate_sets(
             continue
         seen.add(tokens)
         out.append((list(tokens), float(sum(cont.logprobs)), greedy and row == 0))
-    return out
+    first_sampled = 1 if greedy else 0
+    sample = conts[first_sampled].token_ids if len(conts) > first_sampled else []
+    return out, sample
 
 
 def expand(ctx: SearchContext, path: list[Node]) -> list[Node]:
     """Add candidate token sets under the leaf; set length grows with depth."""
+    return expand_with_sample(ctx, path)[0]
+
+
+def expand_with_sample(ctx: SearchContext, path: list[Node]) -> tuple[list[Node], list[int]]:
+    """:func:`expand`, also returning a sampled continuation for the rollout (or [])."""
     leaf = path[-1]
     length = min(ctx.config.token_set_length(leaf.depth), max(ctx.room(path), 1))
     with ctx.timed("expansion"):
-        sets = _candidate_sets(ctx, path, length, ctx.config.num_candidates, True, set())
+        sets, sample = _candidate_sets(ctx, path, length, ctx.config.num_candidates, True, set())
     sets.sort(key=lambda s: -s[1])  # by prior, so PUCT ties favour the likelier set
     children = []
     for tokens, logp, is_greedy in sets:
@@ -315,14 +326,27 @@ def expand(ctx: SearchContext, path: list[Node]) -> list[Node]:
         children.append(child)
     leaf.add_children(children)
     ctx.stats.nodes += len(children)
-    return children
+    return children, sample
 
 
 # --- 3. simulate + evaluate ------------------------------------------------------------
 
 
-def simulate(ctx: SearchContext, path: list[Node]) -> list[int]:
-    """Extend the leaf with sampled tokens to the end of the current clause."""
+def _reusable_sample(config: RainConfig) -> bool:
+    """Expansion samples are draws from the rollout's distribution (same top-k, temperature)."""
+    return (
+        config.expansion_top_k == config.simulation_top_k
+        and config.expansion_temperature == config.simulation_temperature
+    )
+
+
+def simulate(ctx: SearchContext, path: list[Node], sample: Sequence[int] = ()) -> list[int]:
+    """Extend the leaf with sampled tokens to the end of the current clause.
+
+    ``sample`` is a continuation of the leaf already drawn from the rollout's
+    distribution (an expansion sample): the rollout starts with it, up to the
+    clause end, and samples further only if the clause is still open.
+    """
     cfg = ctx.config
     leaf = path[-1]
     tokens = ctx.committed + path_tokens(path)
@@ -336,12 +360,22 @@ def simulate(ctx: SearchContext, path: list[Node]) -> list[int]:
     def clause_done(row: list[int]) -> bool:
         return mask is not None and bool(mask[row[-1]])
 
+    rollout: list[int] = []
+    for t in sample if _reusable_sample(cfg) else ():
+        if len(rollout) == budget:
+            return rollout
+        rollout.append(int(t))
+        if t in ctx.backend.stop_token_ids or clause_done(rollout):
+            return rollout
+    if len(rollout) >= budget:
+        return rollout
     with ctx.timed("simulation"):
-        pick = _sampler(ctx, cfg.simulation_top_k, cfg.simulation_temperature, tokens)
+        response = tokens + rollout
+        pick = _sampler(ctx, cfg.simulation_top_k, cfg.simulation_temperature, response)
         cont = ctx.backend.extend(
-            ctx.prompt_ids + tokens, 1, budget, pick, clause_done, reuse=ctx.reuse
+            ctx.prompt_ids + response, 1, budget - len(rollout), pick, clause_done, reuse=ctx.reuse
         )
-    return cont[0].token_ids
+    return rollout + cont[0].token_ids
 
 
 def _response(ctx: SearchContext, tokens: list[int]) -> list[int]:
@@ -453,7 +487,7 @@ def dynamic_addition(ctx: SearchContext, path: list[Node]) -> int:
             count = ctx.config.dynamic_addition_count
             # Over-sample multi-token sets: duplicates of existing children are dropped.
             n = count if length == 1 else 2 * count
-            sets = _candidate_sets(ctx, path[: depth + 1], length, n, False, exclude)[:count]
+            sets = _candidate_sets(ctx, path[: depth + 1], length, n, False, exclude)[0][:count]
         new = [_make_node(ctx, path[: depth + 1], t, lp) for t, lp, _ in sets]
         node.add_children(new)
         ctx.stats.nodes += len(new)
@@ -470,9 +504,10 @@ def iterate(ctx: SearchContext, tree: Tree) -> Judgement:
     path = select(tree, ctx.config)
     _count_rewind(ctx, path)
     leaf = path[-1]
+    sample: list[int] = []
     if leaf.is_leaf and not leaf.terminal:
-        expand(ctx, path)
-    rollout = simulate(ctx, path)
+        _, sample = expand_with_sample(ctx, path)
+    rollout = simulate(ctx, path, sample)
     judgement = evaluate(ctx, path, rollout)
     backup(tree, path, judgement.score)
     if ctx.config.similarity_update:
