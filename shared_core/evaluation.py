@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from shared_core.backend import LanguageModel
-from shared_core.errors import RubricError
+from shared_core.errors import RainInputError, RubricError
 from shared_core.rubric import Rubric, RubricExample, RubricOption
 
 __all__ = [
@@ -260,6 +260,14 @@ class _SelfEvalSession(EvalSession):
         literal = _defuse(prompt_text)
         prompt_ids = tuple(backend.encode_literal(literal)) if rubric.include_prompt else ()
         self.request = layout.preamble + prompt_ids + layout.middle
+        needed = len(self.request) + max(len(t) for t in layout.tails) + 1
+        if needed > backend.context_window:
+            raise RainInputError(
+                f"the prompt does not fit the judge prompt of rubric {rubric.name!r}: it needs "
+                f"{needed} tokens before any response, but {backend.name} has a context window "
+                f"of {backend.context_window}; shorten the prompt or use a rubric with fewer "
+                "examples"
+            )
         self._pinned: list[tuple[int, ...]] = []
         if reuse:
             self._pin(self.request)

@@ -544,7 +544,7 @@ def should_commit(root: Node, new_iterations: int, config: RainConfig) -> bool:
     """T visits with at least min_new_iterations, or T_m iterations and best value ≥ V."""
     if not root.children:
         return False
-    if root.visits >= config.T and new_iterations >= config.min_new_iterations:
+    if root.visits >= config.T and new_iterations >= min(config.min_new_iterations, config.T):
         return True
     best = choose_commit(root)
     return new_iterations >= config.T_m and best.visits > 0 and best.value >= config.V

@@ -54,10 +54,6 @@ def test_config_is_immutable() -> None:
         ({"c": -1.0}, ["RainConfig.c", "greater than or equal to 0"]),
         ({"num_candidates": 0}, ["RainConfig.num_candidates", "greater than or equal to 1"]),
         ({"T": 5, "T_m": 6}, ["T_m (6)", "T (5)", "lower T_m or raise T"]),
-        (
-            {"T": 5, "T_m": 2, "min_new_iterations": 6},
-            ["min_new_iterations (6)", "T (5)", "lower min_new_iterations"],
-        ),
         ({"gamma_s": 1.5}, ["RainConfig.gamma_s"]),
         ({"V": 2.0}, ["RainConfig.V"]),
         ({"max_new_tokens": 0}, ["RainConfig.max_new_tokens"]),
@@ -112,3 +108,15 @@ def test_config_round_trips_through_a_dict() -> None:
     cfg = RainConfig(T=12, min_new_iterations=5, stop=("\n\n",), seed=5)
     assert RainConfig(**cfg.model_dump()) == cfg
     assert RainConfig.model_validate_json(cfg.model_dump_json()) == cfg
+
+
+def test_min_new_iterations_is_capped_at_t_so_a_small_t_alone_is_valid() -> None:
+    from shared_core.search import should_commit
+    from shared_core.tree import Node
+
+    cfg = RainConfig(T=6, T_m=2)  # min_new_iterations keeps its default of 15
+    root = Node(())
+    root.add_children([Node((1,), raw_prob=1.0)])
+    root.visits = 6.0
+    assert not should_commit(root, 5, cfg)
+    assert should_commit(root, 6, cfg)
