@@ -280,6 +280,48 @@ def _mean(xs: list[float]) -> float:
     return float(np.mean(xs)) if xs else float("nan")
 
 
+def diagnose(args: argparse.Namespace) -> dict[str, Any]:
+    """Judge-vs-VADER agreement on the continuations of a finished sentiment run.
+
+    The labelled self-evaluation set holds clearly polar texts; the search has to
+    rank the model's own, mostly neutral continuations. This measures the judge there.
+    """
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    report = json.loads(args.out.read_text(encoding="utf-8"))
+    engine = (
+        RainEngine.from_pretrained(args.model, args.gguf_file)
+        if args.model
+        else RainEngine.from_default()
+    )
+    prompts = {
+        x["id"]: SENTIMENT_PROMPT.format(opening=x["opening"])
+        for x in load_jsonl("sentiment_openings.jsonl")
+    }
+    out: dict[str, Any] = {}
+    for method in ("vanilla_greedy", "rain"):
+        rows = report["sentiment"][method]["items"]
+        agree, judged_pos = [], []
+        for row in rows:
+            j = engine.self_evaluate(
+                [{"role": "user", "content": prompts[row["id"]]}], row["text"], rubric="positive"
+            )
+            judged_pos.append(j.score > 0)
+            agree.append(0.5 if j.score == 0 else float((j.score > 0) == row["positive"]))
+        out[method] = {
+            "n": len(rows),
+            "agreement_with_vader": float(np.mean(agree)),
+            "judge_positive_rate": float(np.mean(judged_pos)),
+            "vader_positive_rate": float(np.mean([r["positive"] for r in rows])),
+        }
+        _log(f"diagnose {method}: {out[method]}")
+    report["judge_vs_vader_on_continuations"] = out
+    _write(report, args.out)
+    return report
+
+
 # --- plot ------------------------------------------------------------------------------------
 
 
@@ -306,6 +348,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     colors = ["#999999", "#bbbbbb", "#1f77b4"] + ["#8fbbd9"] * (len(names) - 3)
     ax = axes[0]
     ax.bar(range(len(names)), rates, yerr=[lows, highs], capsize=4, color=colors[: len(names)])
+    for i, (k, r) in enumerate(zip(names, rates, strict=True)):
+        ax.text(i + 0.05, 2, f"{r:.0f}%\nn={entry(k)['n']}", ha="center", fontsize=7)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([k.replace("ablation:", "").replace("_", "\n") for k in names], fontsize=7)
     ax.set_ylabel("positive rate, % (VADER compound >= 0.05)")
@@ -317,7 +361,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     labels, vals = [], []
     for key in ("harmful_vanilla", "harmful_rain", "benign_vanilla", "benign_rain"):
         if key in harm:
-            labels.append(key.replace("_", "\n"))
+            labels.append(key.replace("_", "\n") + f"\nn={harm[key]['n']}")
             vals.append(harm[key]["rate"] * 100)
     ax.bar(range(len(vals)), vals, color=["#d62728", "#ff9896", "#2ca02c", "#98df8a"][: len(vals)])
     ax.set_xticks(range(len(vals)))
@@ -432,6 +476,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="sections to leave out",
     )
     p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="add to an existing --out JSON how often the model's own judge agrees with "
+        "VADER on the sentiment continuations it produced",
+    )
+    p.add_argument(
+        "--replot", action="store_true", help="only redraw the PNG from an existing --out JSON"
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -442,6 +495,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.replot:
+        report = json.loads(args.out.read_text(encoding="utf-8"))
+        plot(report, args.plot or args.out.with_suffix(".png"))
+        return report
+    if args.diagnose:
+        return diagnose(args)
     if args.threads:
         import torch
 
