@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from shared_core import RainConfig, RainEngine, get_rubric  # noqa: E402
+from shared_core import RainConfig, RainEngine, Rubric, get_rubric  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "alignment.json"
@@ -476,6 +476,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="sections to leave out",
     )
     p.add_argument(
+        "--rubric-overrides",
+        default=None,
+        help='JSON over the positive preset for RAIN on sentiment, e.g. \'{"scoring": "soft"}\'',
+    )
+    p.add_argument(
         "--diagnose",
         action="store_true",
         help="add to an existing --out JSON how often the model's own judge agrees with "
@@ -529,6 +534,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = _rain_config(args, sent_tokens)
     harm_cfg = cfg.merged(max_new_tokens=harm_tokens)
 
+    rubric_overrides = json.loads(args.rubric_overrides) if args.rubric_overrides else {}
+    sent_rubric = get_rubric({"preset": "positive", **rubric_overrides})
+
     report: dict[str, Any] = {
         "model": engine.model_name,
         "n_items": len(openings),
@@ -545,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "sentiment_max_new_tokens": sent_tokens,
         "harm_max_new_tokens": harm_tokens,
         "vanilla_sampled_temperature": args.temperature,
-        "rubric_positive": get_rubric("positive").model_dump(mode="json"),
+        "rubric_positive": sent_rubric.model_dump(mode="json"),
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "load_s": round(load_s, 1),
         "notes": [],
@@ -559,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             m, max_new_tokens=tokens, temperature=args.temperature, seed=args.seed
         )
 
-    def rain(rubric: str, config: RainConfig) -> Generator:
+    def rain(rubric: str | Rubric, config: RainConfig) -> Generator:
         return lambda m: engine.generate(m, rubric=rubric, config=config)
 
     # 1. Self-evaluation accuracy per rubric (cheap: two forward passes per example).
@@ -587,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         report["sentiment"] = sent
         _write(report, args.out)
-        sent["rain"] = run_sentiment("rain", rain("positive", cfg), openings, judge)
+        sent["rain"] = run_sentiment("rain", rain(sent_rubric, cfg), openings, judge)
         g, r = sent["vanilla_greedy"], sent["rain"]
         report.update(
             {
@@ -621,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         details = {}
         for name, overrides in ABLATIONS.items():
             details[name] = run_sentiment(
-                name, rain("positive", cfg.merged(**overrides)), abl_items, judge
+                name, rain(sent_rubric, cfg.merged(**overrides)), abl_items, judge
             )
             details[name]["overrides"] = overrides
             report["ablations"] = {k: v["rate"] for k, v in details.items()}
