@@ -99,7 +99,7 @@ def _content_text(content: str | list[Any], index: int) -> str:
 
 
 def _to_engine_messages(
-    messages: Sequence[BaseMessage], tools: ToolSetup | None
+    messages: Sequence[BaseMessage], tools: ToolSetup | None, tool_role: bool = True
 ) -> list[dict[str, str]]:
     """LangChain messages as the engine's role/content dicts (tools in the system prompt)."""
     if not messages:
@@ -118,6 +118,11 @@ def _to_engine_messages(
             role = "assistant"
             calls = [format_tool_call(c["name"], c["args"]) for c in msg.tool_calls]
             text = "\n".join(p for p in [text, *calls] if p)
+        elif isinstance(msg, ToolMessage) and not tool_role:
+            # A template that knows no tool role (SmolLM2's) would show the model a
+            # turn kind it never saw; a labelled user turn is what it can read.
+            role = "user"
+            text = f"Result of {msg.name or 'the tool'}: {text}"
         elif isinstance(msg, ToolMessage):
             role = "tool"
         elif isinstance(msg, ChatMessage) and msg.role in ("system", "user", "assistant", "tool"):
@@ -137,6 +142,12 @@ def _to_engine_messages(
         else:
             out.insert(0, {"role": "system", "content": prompt})
     return out
+
+
+def _knows_tool_role(engine: RainEngine) -> bool:
+    """Whether the model's chat template mentions a ``tool`` role."""
+    template = getattr(getattr(engine.backend, "tokenizer", None), "chat_template", None)
+    return isinstance(template, str) and "tool" in template
 
 
 def _from_configurable(config: RunnableConfig) -> dict[str, Any]:
@@ -310,8 +321,9 @@ class ChatRain(BaseChatModel):
         tools: Sequence[Any] | None = None,
     ) -> int:
         """Tokens of the messages as the chat template renders them (with the tools)."""
-        msgs = _to_engine_messages(messages, resolve_tools(tools, None))
-        backend = self.rain_engine.backend
+        engine = self.rain_engine
+        msgs = _to_engine_messages(messages, resolve_tools(tools, None), _knows_tool_role(engine))
+        backend = engine.backend
         return len(backend.encode(backend.render_chat(msgs, add_generation_prompt=False)))
 
     # --- per-call options from RunnableConfig -------------------------------------------
@@ -454,7 +466,7 @@ class ChatRain(BaseChatModel):
                 stop_token_ids=sorted(backend.stop_token_ids),
             )
         return _CallPlan(
-            messages=_to_engine_messages(messages, tools),
+            messages=_to_engine_messages(messages, tools, _knows_tool_role(engine)),
             rubric=rubric,
             config=cfg,
             tools=tools,
