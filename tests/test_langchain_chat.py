@@ -426,3 +426,23 @@ def test_stream_gate_holds_back_tool_calls() -> None:
     assert bare.push('{"name": "get_weather"') == ""  # a bare JSON call is held too
     plain = _TextGate(None)
     assert plain.push("<tool") == "<tool"  # no tools bound: nothing is held
+
+
+def test_stream_events_v3_reads_configurable(llm: ChatRain) -> None:
+    stream = llm.stream_events("Hi", config={"configurable": {"rubric": "truthful"}}, version="v3")
+    events = list(stream)
+    assert events
+    assert stream.output.response_metadata["rubric"] == "truthful"
+
+
+async def test_astream_events_after_bind_tools_reads_configurable(llm: ChatRain) -> None:
+    bound = llm.bind_tools([get_weather], tool_choice="any")
+    rubric = None
+    async for ev in bound.astream_events(
+        "Weather?", version="v2", config={"configurable": {"rubric": "positive", "max_tokens": 40}}
+    ):
+        if ev["event"] == "on_chat_model_end":
+            output = ev["data"]["output"]
+            rubric = output.response_metadata["rubric"]
+            assert output.tool_calls[0]["name"] == "get_weather"
+    assert rubric == "positive"
