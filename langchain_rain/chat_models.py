@@ -426,15 +426,25 @@ class ChatRain(BaseChatModel):
         engine = load_engine(other, kwargs.pop("gguf_file", None)) if other else self.rain_engine
         rubric = engine.resolve_rubric(kwargs.pop("rubric", self.rubric))
         include_trace = bool(kwargs.pop("include_trace", self.include_trace))
-        cfg = engine.resolve_config(self.rain_config)
+        # Precedence: instance rain_config < instance fields (max_tokens, ...) < call
+        # rain_config < call keywords and configurable settings.
+        instance = {
+            _LC_TO_RAIN.get(name, name): getattr(self, name)
+            for name in ("max_tokens", "temperature", "seed", "timeout")
+            if getattr(self, name) is not None
+        }
+        cfg = engine.resolve_config(self.rain_config).merged(**instance)
         call_cfg = kwargs.pop("rain_config", None)
-        if call_cfg is not None:
-            cfg = engine.resolve_config(call_cfg) if _is_preset(call_cfg) else _apply(cfg, call_cfg)
+        if isinstance(call_cfg, RainConfig):
+            cfg = call_cfg
+        elif call_cfg is not None:
+            call_cfg = dict(call_cfg)
+            if "preset" in call_cfg:  # a preset starts afresh; instance fields still apply
+                kept = {k: v for k, v in instance.items() if k not in call_cfg}
+                cfg = engine.resolve_config(call_cfg).merged(**kept)
+            else:
+                cfg = cfg.merged(**call_cfg)
         overrides: dict[str, Any] = {}
-        for name in ("max_tokens", "temperature", "seed", "timeout"):
-            value = getattr(self, name)
-            if value is not None:
-                overrides[_LC_TO_RAIN.get(name, name)] = value
         stops = stop if stop is not None else kwargs.pop("stop", None) or self.stop
         kwargs.pop("stop", None)
         if stops:
@@ -670,14 +680,6 @@ def _rubric_label(rubric: Any) -> str | None:
     if rubric is None or isinstance(rubric, str):
         return rubric
     return str(getattr(rubric, "name", None) or "custom")
-
-
-def _is_preset(cfg: Any) -> bool:
-    return isinstance(cfg, RainConfig) or (isinstance(cfg, Mapping) and "preset" in cfg)
-
-
-def _apply(cfg: RainConfig, data: Mapping[str, Any]) -> RainConfig:
-    return cfg.merged(**dict(data))
 
 
 def _event_manager(

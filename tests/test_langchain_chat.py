@@ -215,6 +215,9 @@ def test_configurable_beats_keyword_and_default(tiny_engine: Any) -> None:
     # Other RAIN settings travel the same way; the config preset too.
     fast = model.invoke("x", config={"configurable": {"rain_config": {"preset": "fast"}}})
     assert fast.response_metadata["rain_stats"]["iterations"] >= 1
+    assert fast.usage_metadata is not None and fast.usage_metadata["output_tokens"] <= 2
+    longer = model.invoke("x", rain_config={"max_new_tokens": 3})  # beats max_tokens=2
+    assert longer.usage_metadata is not None and longer.usage_metadata["output_tokens"] == 3
 
 
 async def test_astream_events_custom_events_and_rubric(llm: ChatRain) -> None:
