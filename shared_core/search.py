@@ -273,6 +273,7 @@ def _candidate_sets(
     Also returns the first sampled row as drawn (before de-duplication): a
     sample of the continuation that a rollout may start from.
     """
+    ctx.check_cancel()  # before every model call: after a cancel no new one starts
     response = ctx.committed + path_tokens(path)
     prefix = ctx.prompt_ids + response
     if length == 1:
@@ -369,6 +370,7 @@ def simulate(ctx: SearchContext, path: list[Node], sample: Sequence[int] = ()) -
             return rollout
     if len(rollout) >= budget:
         return rollout
+    ctx.check_cancel()
     with ctx.timed("simulation"):
         response = tokens + rollout
         pick = _sampler(ctx, cfg.simulation_top_k, cfg.simulation_temperature, response)
@@ -394,6 +396,7 @@ def evaluate(ctx: SearchContext, path: list[Node], rollout: list[int]) -> Judgem
     key = tuple(response)
     found = ctx.judgements.get(key)
     if found is None:
+        ctx.check_cancel()
         with ctx.timed("evaluation"):
             found = ctx.session.score(response, ctx.backend.decode(response))
         ctx.judgements[key] = found
