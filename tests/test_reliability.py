@@ -728,3 +728,19 @@ def test_sync_adapter_streams_left_early_release_the_search(
         assert response.delta
         break
     assert pins(engine) == before
+
+
+@pytest.mark.parametrize("config", ["turbo", 3], ids=repr)
+def test_rainllm_config_of_the_wrong_kind(llm: Any, config: Any) -> None:
+    with pytest.raises(RainConfigError, match="config"):
+        llm.complete("hi", config=config)
+
+
+@pytest.mark.xfail(
+    reason="reported to the ChatRain owner: a per-call rain_config that is neither a "
+    "RainConfig nor a mapping reaches dict() in langchain_rain._apply (ValueError/TypeError)"
+)
+@pytest.mark.parametrize("config", ["turbo", 3], ids=repr)
+def test_chatrain_config_of_the_wrong_kind(chat: Any, config: Any) -> None:
+    with pytest.raises(RainConfigError, match="config"):
+        chat.invoke("hi", rain_config=config)
