@@ -71,11 +71,11 @@ BREAKDOWN_KEYS = ("expansion", "simulation", "evaluation", "embeddings", "commit
 MODES: dict[str, dict[str, Any]] = {
     "quick": {
         "prompts": 1,
-        "max_new_tokens": 4,
+        "max_new_tokens": 3,
         "vanilla_repeats": 1,
         # Fewer iterations per commit than the paper, so the quick run fits in two minutes.
-        "search": {"T": 4, "min_new_iterations": 2, "T_m": 2},
-        "fast_search": {"T": 4, "min_new_iterations": 2, "T_m": 2},
+        "search": {"T": 3, "min_new_iterations": 2, "T_m": 2},
+        "fast_search": {"T": 3, "min_new_iterations": 2, "T_m": 2},
         # Reuse on/off pair per rubric: "main" reuses the first prompt's main run,
         # a dict sets its own length and search; the harmless reuse-off run, which
         # re-reads ~1,000 tokens of examples per evaluation, is left to the full mode.
