@@ -11,6 +11,7 @@ status 2 and a one-line message; Ctrl-C cancels the search cleanly (130).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import threading
@@ -128,6 +129,8 @@ def _run(args: argparse.Namespace, factory: EngineFactory, out: IO[str], err: IO
     config = _read_config(args)
     for name in ("trace_json", "plot"):
         _check_writable(getattr(args, name), f"--{name.replace('_', '-')}")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise _UsageError("--plot needs matplotlib: pip install matplotlib (or the dev extra)")
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})

@@ -124,6 +124,17 @@ def test_bad_input_exits_2_with_a_message(args, message):
     assert "Traceback" not in err and out == ""
 
 
+def test_plot_without_matplotlib_fails_before_any_work(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name)
+    )
+    code, _, err = run_cli(["Hi", "--plot", str(tmp_path / "p.png")])
+    assert code == 2 and "needs matplotlib" in err
+
+
 def test_a_model_that_cannot_load_exits_2(tmp_path):
     code, _, err = run_cli(["Hi", "--model", str(tmp_path / "nothing-here"), "--quiet"])
     assert code == 2
