@@ -13,7 +13,7 @@ import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,13 +41,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.uuid import uuid7
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
-from langchain_rain._tools import (
-    TOOL_CALL_OPEN,
-    ToolSetup,
-    format_tool_call,
-    parse_tool_calls,
-    resolve_tools,
-)
+from langchain_rain._tools import parse_tool_calls, resolve_tools
 from shared_core import (
     RainConfig,
     RainEngine,
@@ -57,8 +51,9 @@ from shared_core import (
     get_rubric,
     load_engine,
 )
-from shared_core.constraints import JSONSchemaConstraint, TokenConstraint
+from shared_core.constraints import TokenConstraint
 from shared_core.rubric import Rubric
+from shared_core.tools import TextGate, ToolSet, format_call
 
 __all__ = ["ChatRain"]
 
@@ -99,7 +94,7 @@ def _content_text(content: str | list[Any], index: int) -> str:
 
 
 def _to_engine_messages(
-    messages: Sequence[BaseMessage], tools: ToolSetup | None, tool_role: bool = True
+    messages: Sequence[BaseMessage], tools: ToolSet | None, tool_role: bool = True
 ) -> list[dict[str, str]]:
     """LangChain messages as the engine's role/content dicts (tools in the system prompt)."""
     if not messages:
@@ -116,7 +111,7 @@ def _to_engine_messages(
             role = "user"
         elif isinstance(msg, AIMessage):
             role = "assistant"
-            calls = [format_tool_call(c["name"], c["args"]) for c in msg.tool_calls]
+            calls = [format_call(c["name"], c["args"]) for c in msg.tool_calls]
             text = "\n".join(p for p in [text, *calls] if p)
         elif isinstance(msg, ToolMessage) and not tool_role:
             # A template that knows no tool role (SmolLM2's) would show the model a
@@ -133,15 +128,9 @@ def _to_engine_messages(
                 "ChatRain accepts system, human, AI and tool messages"
             )
         out.append({"role": role, "content": text})
-    if tools is not None:
-        # SmolLM2's chat template (like many small models') has no tool slot, and the
-        # engine takes plain messages, so tools are described in the system prompt.
-        prompt = tools.system_prompt()
-        if out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
-        else:
-            out.insert(0, {"role": "system", "content": prompt})
-    return out
+    # SmolLM2's chat template (like many small models') has no tool slot, and the
+    # engine takes plain messages, so tools are described in the system prompt.
+    return out if tools is None else tools.with_system_prompt(out)
 
 
 def _knows_tool_role(engine: RainEngine) -> bool:
@@ -170,39 +159,12 @@ class _CallPlan:
     messages: list[dict[str, str]]
     rubric: Rubric
     config: RainConfig
-    tools: ToolSetup | None
+    tools: ToolSet | None
     constraint: TokenConstraint | None
     include_trace: bool
 
 
-class _TextGate:
-    """Streams answer text but holds back a tool call (``<tool_call>...``) for parsing."""
-
-    def __init__(self, tools: ToolSetup | None) -> None:
-        self.text = ""
-        self.shown = 0
-        self.mute = tools is not None and tools.required is not None
-        self.watch = tools is not None
-
-    def push(self, delta: str) -> str:
-        self.text += delta
-        if self.mute:
-            return ""
-        end = len(self.text)
-        if self.watch and self.text.lstrip().startswith("{"):
-            return ""  # may be a bare JSON call: decided at the end
-        if self.watch:
-            at = self.text.find(TOOL_CALL_OPEN)
-            if at >= 0:
-                end = at
-            else:  # a marker may be starting at the end of the text
-                for n in range(len(TOOL_CALL_OPEN) - 1, 0, -1):
-                    if self.text.endswith(TOOL_CALL_OPEN[:n]):
-                        end -= n
-                        break
-        out = self.text[self.shown : end] if end > self.shown else ""
-        self.shown = max(self.shown, end)
-        return out
+_TextGate = TextGate  # the gate's name in tests/test_langchain_chat.py
 
 
 class ChatRain(BaseChatModel):
@@ -340,12 +302,8 @@ class ChatRain(BaseChatModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AIMessage:
-        config, extra = _prepare(config)
-        token = _RUN.set(config)
-        try:
-            return super().invoke(input, config, stop=stop, **{**kwargs, **extra})
-        finally:
-            _RUN.reset(token)
+        with _model_run(config, kwargs) as (config, kwargs):
+            return super().invoke(input, config, stop=stop, **kwargs)
 
     async def ainvoke(
         self,
@@ -355,12 +313,8 @@ class ChatRain(BaseChatModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AIMessage:
-        config, extra = _prepare(config)
-        token = _RUN.set(config)
-        try:
-            return await super().ainvoke(input, config, stop=stop, **{**kwargs, **extra})
-        finally:
-            _RUN.reset(token)
+        with _model_run(config, kwargs) as (config, kwargs):
+            return await super().ainvoke(input, config, stop=stop, **kwargs)
 
     def stream(
         self,
@@ -370,12 +324,8 @@ class ChatRain(BaseChatModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> Iterator[AIMessageChunk]:
-        config, extra = _prepare(config)
-        token = _RUN.set(config)
-        try:
-            yield from super().stream(input, config, stop=stop, **{**kwargs, **extra})
-        finally:
-            _reset_quietly(token)
+        with _model_run(config, kwargs) as (config, kwargs):
+            yield from super().stream(input, config, stop=stop, **kwargs)
 
     async def astream(
         self,
@@ -385,13 +335,9 @@ class ChatRain(BaseChatModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[AIMessageChunk]:
-        config, extra = _prepare(config)
-        token = _RUN.set(config)
-        try:
-            async for chunk in super().astream(input, config, stop=stop, **{**kwargs, **extra}):
+        with _model_run(config, kwargs) as (config, kwargs):
+            async for chunk in super().astream(input, config, stop=stop, **kwargs):
                 yield chunk
-        finally:
-            _reset_quietly(token)
 
     def stream_events(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         # v1/v2 reach ``stream``/``astream`` above; v3 calls the model directly.
@@ -460,21 +406,7 @@ class ChatRain(BaseChatModel):
             if value is not None:
                 overrides[name] = tuple(value) if name == "stop" else value
         cfg = cfg.merged(**overrides)
-        constraint = None
-        if tools is not None and tools.required is not None:
-            backend = engine.backend
-            tokenizer = getattr(backend, "tokenizer", None)
-            if tokenizer is None:
-                raise RainInputError(
-                    "a required tool call needs constrained decoding, which needs a "
-                    "transformers backend (its tokenizer); this engine's backend has none"
-                )
-            constraint = JSONSchemaConstraint(
-                tools.call_schema(),
-                tokenizer,
-                vocab_size=backend.vocab_size,
-                stop_token_ids=sorted(backend.stop_token_ids),
-            )
+        constraint = tools.constraint(engine.backend) if tools is not None else None
         return _CallPlan(
             messages=_to_engine_messages(messages, tools, _knows_tool_role(engine)),
             rubric=rubric,
@@ -512,7 +444,7 @@ class ChatRain(BaseChatModel):
             cancel=cancel,
             constraint=plan.constraint,
         )
-        gate = _TextGate(plan.tools)
+        gate = TextGate(plan.tools)
         try:
             for commit in stream:
                 shown = gate.push(commit.text)
@@ -523,7 +455,7 @@ class ChatRain(BaseChatModel):
             stream.close()  # cancels the search if the consumer stopped early
 
     def _final_chunk(
-        self, result: RainResult, plan: _CallPlan, gate: _TextGate
+        self, result: RainResult, plan: _CallPlan, gate: TextGate
     ) -> ChatGenerationChunk:
         content = gate.text[gate.shown :]
         chunks = []
@@ -733,16 +665,21 @@ def _async_dispatcher(
     return dispatch
 
 
-def _prepare(config: RunnableConfig | None) -> tuple[RunnableConfig, dict[str, Any]]:
-    """The call's config with a fixed run id, and the RAIN options in its configurable."""
+@contextlib.contextmanager
+def _model_run(
+    config: RunnableConfig | None, kwargs: dict[str, Any]
+) -> Iterator[tuple[RunnableConfig, dict[str, Any]]]:
+    """One model call: its config, with a fixed run id and current inside the block,
+    and the call keywords with the RAIN options of its configurable (those win).
+    """
     config = ensure_config(config)
     if config.get("run_id") is None:
         config["run_id"] = uuid7()
-    return config, _from_configurable(config)
-
-
-def _reset_quietly(token: Token[RunnableConfig | None]) -> None:
-    # A generator closed from another context (e.g. garbage collection) cannot
-    # reset its variable; the value is then dropped with that context anyway.
-    with contextlib.suppress(ValueError):
-        _RUN.reset(token)
+    token = _RUN.set(config)
+    try:
+        yield config, {**kwargs, **_from_configurable(config)}
+    finally:
+        # A generator closed from another context (e.g. garbage collection) cannot
+        # reset its variable; the value is then dropped with that context anyway.
+        with contextlib.suppress(ValueError):
+            _RUN.reset(token)

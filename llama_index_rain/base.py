@@ -51,7 +51,6 @@ from shared_core import (
     get_rubric,
     load_engine,
 )
-from shared_core.constraints import JSONSchemaConstraint
 from shared_core.rubric import RubricSpec
 
 __all__ = ["RainLLM", "current_rain_rubric", "rain_rubric"]
@@ -191,14 +190,8 @@ def _to_engine_messages(
         if calls:  # an earlier call of ours, shown to the model as it wrote it
             content = "".join([content, *(format_call(c) for c in calls)])
         out.append({"role": role, "content": content})
-    if tools is not None:
-        # The engine takes plain messages: tools are described in the system prompt.
-        if out and out[0]["role"] == "system":
-            merged = out[0]["content"] + "\n\n" + tools.system_prompt()
-            out[0] = {"role": "system", "content": merged}
-        else:
-            out.insert(0, {"role": "system", "content": tools.system_prompt()})
-    return out
+    # The engine takes plain messages: tools are described in the system prompt.
+    return out if tools is None else tools.with_system_prompt(out)
 
 
 def _stats(result: RainResult) -> dict[str, Any]:
@@ -348,21 +341,7 @@ class RainLLM(FunctionCallingLLM):
         config = kwargs.pop("config", None)
         cfg = self._config if config is None else self._engine.resolve_config(config)
         cfg = cfg.merged(**kwargs) if kwargs else cfg
-        constraint = None
-        if tools is not None and tools.required is not None:
-            backend = self._engine.backend
-            tokenizer = getattr(backend, "tokenizer", None)
-            if tokenizer is None:
-                raise RainInputError(
-                    "a required tool call needs constrained decoding, which needs a "
-                    "transformers backend (its tokenizer); this engine's backend has none"
-                )
-            constraint = JSONSchemaConstraint(
-                tools.call_schema(),
-                tokenizer,
-                vocab_size=backend.vocab_size,
-                stop_token_ids=sorted(backend.stop_token_ids),
-            )
+        constraint = tools.constraint(self._engine.backend) if tools is not None else None
         cancel = threading.Event()
         stream = self._engine.stream(
             messages, rubric=rubric, config=cfg, cancel=cancel, constraint=constraint
