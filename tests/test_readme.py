@@ -100,6 +100,16 @@ def test_the_first_code_block_is_the_two_commands() -> None:
         assert (ROOT / "scripts" / script).is_file()
 
 
+def test_contents_links_point_to_sections() -> None:
+    text = README.read_text()
+    contents = re.search(r"^\*\*Contents:\*\*(.*?)\n\n", text, re.DOTALL | re.MULTILINE)
+    assert contents, "README.md lost its Contents line"
+    anchors = re.findall(r"\]\(#([a-z0-9-]+)\)", contents.group(1))
+    headings = re.findall(r"^## (.+)$", text, re.MULTILINE)
+    slugs = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in headings}
+    assert anchors and set(anchors) <= slugs, f"dead links: {sorted(set(anchors) - slugs)}"
+
+
 def test_every_config_field_is_documented() -> None:
     from shared_core import RainConfig
 
