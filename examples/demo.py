@@ -66,7 +66,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--full",
         action="store_true",
-        help="the paper's search settings instead of the fast preset (~1 token/s on a CPU)",
+        help="the paper's search settings instead of the fast preset (seconds per token on a CPU)",
     )
     parser.add_argument("--plot", metavar="FILE", help="save a picture of one search (PNG, SVG)")
     parser.add_argument("--skip-rag", action="store_true", help="only the LangChain part")
