@@ -29,9 +29,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tqdm import tqdm
 
+# Prompts whose greedy answer the 135M judge reads as negative (the paper's sentiment
+# task continues movie reviews): room for the search to do better.
 CHAIN_PROMPTS = (
-    "Describe a traffic jam in one sentence.",
-    "Write one sentence about a rainy day.",
+    "Continue this movie review in one sentence: The dialogue is stiff, the lighting is flat, and",
+    "Describe a Monday morning commute in one sentence.",
 )
 FACTS = (
     "The Zorblat festival in Rainville is held every year on the first Saturday of October.",
@@ -362,8 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         traced = [r for r in rows if r.get("trace")]
         if traced:
             best = max(traced, key=lambda r: r["overrides"])
-            plot_trace(best["trace"], path=args.plot, title=f"RAIN search: {best['prompt']}")
-            print(f"  picture of the search for {best['prompt']!r} saved to {args.plot}")
+            short = textwrap.shorten(best["prompt"], 60, placeholder="…")
+            plot_trace(best["trace"], path=args.plot, title=f"RAIN search: {short}")
+            print(f"  picture of the search for {short!r} saved to {args.plot}")
     print(f"  demo finished in {time.perf_counter() - started:.0f} s")
     return 0
 
