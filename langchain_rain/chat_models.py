@@ -383,6 +383,9 @@ class ChatRain(BaseChatModel):
         call_cfg = kwargs.pop("rain_config", None)
         if isinstance(call_cfg, RainConfig):
             cfg = call_cfg
+        elif call_cfg is not None and not isinstance(call_cfg, Mapping):
+            # A preset name ("fast"), or a RainConfigError that says what fits.
+            cfg = engine.resolve_config(call_cfg).merged(**instance)
         elif call_cfg is not None:
             call_cfg = dict(call_cfg)
             if "preset" in call_cfg:  # a preset starts afresh; instance fields still apply

@@ -736,10 +736,6 @@ def test_rainllm_config_of_the_wrong_kind(llm: Any, config: Any) -> None:
         llm.complete("hi", config=config)
 
 
-@pytest.mark.xfail(
-    reason="reported to the ChatRain owner: a per-call rain_config that is neither a "
-    "RainConfig nor a mapping reaches dict() in langchain_rain._apply (ValueError/TypeError)"
-)
 @pytest.mark.parametrize("config", ["turbo", 3], ids=repr)
 def test_chatrain_config_of_the_wrong_kind(chat: Any, config: Any) -> None:
     with pytest.raises(RainConfigError, match="config"):
