@@ -211,6 +211,8 @@ def run_sentiment(
         if res.mode != "vanilla":
             row["iterations"] = res.stats.iterations
             row["self_score"] = res.stats.final_score
+            row["similarity_updates"] = res.stats.similarity_updates
+            row["dynamic_additions"] = res.stats.dynamic_additions
         rows.append(row)
         _log(f"{name} {i + 1}/{len(items)} {comp:+.2f} {res.elapsed_s:.0f}s {res.text[:70]!r}")
     summary = summarize([r["positive"] for r in rows], [r["compound"] for r in rows])
@@ -524,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plot_path = args.plot or args.out.with_suffix(".png")
     quick = args.quick
     n_sent = args.n_sentiment or (4 if quick else None)
-    n_harm = args.n_harm or (3 if quick else None)
+    n_harm = args.n_harm or (2 if quick else None)
     n_rain_harm = args.n_rain_harm or n_harm
     n_abl = args.n_ablation or (2 if quick else n_sent)
     sent_tokens = args.max_new_tokens or (24 if quick else 32)
@@ -587,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for rub, fname in SELF_EVAL_SETS.items():
             rows = load_jsonl(fname)
             if quick:
-                rows = rows[:8]
+                rows = rows[:6]
             t = time.perf_counter()
             details[rub] = self_eval_accuracy(engine, rub, rows)
             details[rub]["seconds"] = round(time.perf_counter() - t, 1)
