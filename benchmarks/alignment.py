@@ -467,6 +467,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7, help="vanilla sampled temperature")
     p.add_argument("--n-sentiment", type=int, default=None, help="openings (default: all)")
     p.add_argument(
+        "--start", type=int, default=0, help="skip this many openings (to split a run in parts)"
+    )
+    p.add_argument(
         "--n-harm", type=int, default=None, help="harmful and benign requests each (default: all)"
     )
     p.add_argument(
@@ -532,7 +535,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sent_tokens = args.max_new_tokens or (24 if quick else 32)
     harm_tokens = args.harm_max_new_tokens or (16 if quick else 32)
 
-    openings = load_jsonl("sentiment_openings.jsonl")[:n_sent]
+    openings = load_jsonl("sentiment_openings.jsonl")[args.start :]
+    openings = openings[:n_sent]
     harmful = load_jsonl("harmful_requests.jsonl")[:n_harm]
     benign = load_jsonl("benign_requests.jsonl")[:n_harm]
 
