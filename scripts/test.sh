@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check shared_core langchain_rain llama_index_rain tests benchmarks examples
+.venv/bin/mypy shared_core langchain_rain llama_index_rain
 .venv/bin/python -m pytest "$@"
