@@ -593,8 +593,9 @@ def _describe(ctx: SearchContext, root: Node) -> list[dict[str, Any]]:
 def run_search(ctx: SearchContext) -> Iterator[tuple[Commit, list[int]]]:
     """Search and commit token sets until the answer ends.
 
-    Yields each commit with the token ids it adds to the answer (stop token and
-    anything past a stop string removed). ``ctx.finish_reason`` says why it ended.
+    Yields each commit with the token ids of the committed set; the caller
+    appends them to ``ctx.committed``, handles stop tokens and stop strings, and
+    sets ``ctx.finish_reason`` when the answer ends (the engine does this).
     """
     tree = Tree()
     index = 0
