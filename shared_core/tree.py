@@ -75,7 +75,6 @@ class Tree:
     """Smallest value seen (reference code: starts at -1), for min-max normalisation."""
     max_value: float = 1.0
     """Largest value seen (reference code: starts at +1)."""
-    node_count: int = 1
 
     def normalise(self, value: float) -> float:
         span = self.max_value - self.min_value
