@@ -6,12 +6,10 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Literal
 
 import pytest
 from llama_index.core.base.llms.types import ChatMessage, ImageBlock, TextBlock
-from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.llm import (
     LLMChatEndEvent,
     LLMChatInProgressEvent,
@@ -23,7 +21,7 @@ from llama_index.core.instrumentation.events.llm import (
 from llama_index.core.llms import LLM
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from llama_index_rain import RainLLM, current_rain_rubric, rain_rubric
 from llama_index_rain._tools import plan_tools
@@ -37,6 +35,7 @@ from shared_core import (
     get_rubric,
     load_engine,
 )
+from tests.llama_index_events import EventLog, attached
 
 # A minimal search: every call still expands, simulates, self-evaluates and commits.
 QUICK = {
@@ -52,25 +51,13 @@ QUICK = {
 HI = [ChatMessage(role="user", content="Say something kind.")]
 
 
-class _Events(BaseEventHandler):
-    """Collects LlamaIndex instrumentation events (the real root dispatcher)."""
-
-    events: list[Any] = Field(default_factory=list)
-
-    def handle(self, event: Any, **kwargs: Any) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
+_Events = EventLog
 
 
 @pytest.fixture
 def events() -> Iterator[_Events]:
-    handler = _Events()
-    root = get_dispatcher()
-    root.add_event_handler(handler)
-    yield handler
-    root.event_handlers.remove(handler)
+    with attached(_Events()) as handler:
+        yield handler
 
 
 @pytest.fixture(scope="module")

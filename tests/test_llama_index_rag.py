@@ -16,8 +16,6 @@ import pytest
 from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.agent.workflow import FunctionAgent, ReActAgent
 from llama_index.core.base.llms.types import MessageRole
-from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.llm import (
     LLMChatEndEvent,
     LLMChatStartEvent,
@@ -26,9 +24,10 @@ from llama_index.core.instrumentation.events.llm import (
 )
 from llama_index.core.tools import QueryEngineTool, ToolMetadata
 from llama_index.embeddings.huggingface import HuggingFaceEmbedding
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from llama_index_rain import RainLLM, rain_rubric
+from tests.llama_index_events import EventLog, attached
 
 QUICK = {
     "num_candidates": 2,
@@ -50,13 +49,8 @@ FACTS = [
 QUESTION = "When is the Zorblat festival held?"
 
 
-class _Events(BaseEventHandler):
-    """Collects LlamaIndex instrumentation events (the real root dispatcher)."""
-
-    events: list[Any] = Field(default_factory=list)
-
-    def handle(self, event: Any, **kwargs: Any) -> None:
-        self.events.append(event)
+class _Events(EventLog):
+    """The LLM events of RAG runs, paired start/end."""
 
     def chats(self) -> list[tuple[LLMChatStartEvent, LLMChatEndEvent]]:
         starts = [e for e in self.events if isinstance(e, LLMChatStartEvent)]
@@ -75,11 +69,8 @@ class _Events(BaseEventHandler):
 
 @pytest.fixture
 def events() -> Iterator[_Events]:
-    handler = _Events()
-    root = get_dispatcher()
-    root.add_event_handler(handler)
-    yield handler
-    root.event_handlers.remove(handler)
+    with attached(_Events()) as handler:
+        yield handler
 
 
 @pytest.fixture(scope="module")
