@@ -140,13 +140,17 @@ class RainConfig(BaseModel):
         iterations, T_m=2), ``greedy_early_commit`` with V=0.5 (when the model's
         own greedy continuation already scores ≥ V it is committed at once; with
         hard verdicts a single evaluation is ≥ 0.5 only when both orders approve,
-        while soft scores, which rarely reach 0.8, can pass it), and no
-        similarity update or dynamic addition (no sentence embeddings to compute).
-        Trade-off: less look-ahead and no sharing of scores between similar
-        siblings, so a bad branch that only shows later is caught less often.
+        while soft scores, which rarely reach 0.8, can pass it), token sets of 4
+        tokens at the root and 10 below it (the paper's 1- and 2-token steps at
+        the start of an answer cost a full search each for one or two tokens),
+        and no similarity update or dynamic addition (no sentence embeddings).
+        Trade-off: less look-ahead, coarser choices at the start of the answer
+        and no sharing of scores between similar siblings, so a bad branch that
+        only shows later, or a bad first word, is caught less often.
         """
         base: dict[str, Any] = {
             "num_candidates": 4,
+            "token_set_lengths": (4, 10),
             "T": 12,
             "min_new_iterations": 4,
             "T_m": 2,

@@ -340,7 +340,9 @@ class RainEngine:
         if cancel is not None and cancel.is_set():
             raise RainCancelled("the RAIN search was cancelled by its caller")
         cfg = self._fit_window(cfg, len(prompt_ids))
-        session = self.evaluator.session(rubric, conversation_text(msgs), reuse=cfg.reuse_cache)
+        session = self.evaluator.session(
+            rubric, conversation_text(msgs), reuse=cfg.reuse_cache, cancel=cancel
+        )
         needs_embedder = cfg.similarity_update or cfg.dynamic_addition
         ctx = SearchContext(
             backend=self.backend,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "RainCancelled",
     "RainConfigError",
     "RainError",
     "RainInputError",
@@ -24,3 +25,7 @@ class RainConfigError(RainError, ValueError):
 
 class RubricError(RainError, ValueError):
     """A rubric is unknown, malformed, or cannot be scored with this tokenizer."""
+
+
+class RainCancelled(RainError):
+    """The caller cancelled the search (asyncio cancel, KeyboardInterrupt, cancel event)."""

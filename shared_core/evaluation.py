@@ -3,14 +3,18 @@
 The judge's prompt is built from fixed pieces so that each is computed once:
 
     [rubric preamble: instructions, few-shot examples]  cached per rubric per model
-    [the user's prompt]                                  cached per request
-    [the committed response]                             cached, extended at each commit
-    [the uncommitted response: path + rollout]           read per evaluation
-    [question + options, order 1 | order 2]              the two orders run as one batch
+    [question + options, order 1 | order 2]             cached per rubric, one per order
+    [the user's prompt]                                 cached per request and order
+    [the committed response]                            cached, extended at each commit
+    [the uncommitted response: path + rollout]          read per evaluation, both
+    [end of the response, answer prefix]                orders in one batch
 
-The candidate response sits inside ``<response>`` delimiters, separate from the
-judge's instruction, and the option order is swapped and averaged by default,
-so text inside a response ("Answer: (A)") cannot pick its own verdict.
+The question and its options come before the case, so the part read per
+evaluation is only the uncommitted text and a short closing tail (with the
+question after the response, every evaluation re-read it, about 60 tokens per
+order). The candidate response sits inside ``<response>`` delimiters, separate
+from the judge's instruction, and the option order is swapped and averaged by
+default, so text inside a response ("Answer: (A)") cannot pick its own verdict.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from shared_core.backend import LanguageModel
-from shared_core.errors import RainInputError, RubricError
+from shared_core.errors import RainCancelled, RainInputError, RubricError
 from shared_core.rubric import Rubric, RubricExample, RubricOption
 
 __all__ = [
@@ -75,8 +79,19 @@ class Evaluator(ABC):
     """Creates evaluation sessions; the search never sees how scores are made."""
 
     @abstractmethod
-    def session(self, rubric: Rubric, prompt_text: str, *, reuse: bool = True) -> EvalSession:
-        """A session for judging responses to ``prompt_text`` by ``rubric``."""
+    def session(
+        self,
+        rubric: Rubric,
+        prompt_text: str,
+        *,
+        reuse: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> EvalSession:
+        """A session for judging responses to ``prompt_text`` by ``rubric``.
+
+        ``cancel``: once set, the session starts no more model work (it raises
+        :class:`~shared_core.errors.RainCancelled` instead).
+        """
 
 
 # --- prompt rendering --------------------------------------------------------------------
@@ -116,13 +131,20 @@ def _question(rubric: Rubric, swapped: bool) -> str:
     return f"{rubric.question}\n{_format_options(rubric, options)}"
 
 
+def _ask(rubric: Rubric, case: str, swapped: bool) -> str:
+    """The case with the question and options before or after it."""
+    if rubric.question_position == "before":
+        return f"{_question(rubric, swapped)}\n\n{case}"
+    return f"{case}\n\n{_question(rubric, swapped)}"
+
+
 def _example(rubric: Rubric, index: int, ex: RubricExample) -> str:
     # Alternate the option order across examples so they teach no letter bias.
     swapped = index % 2 == 1 and rubric.swap_options
     options, good = _options(rubric, swapped)
     answer = good.label if ex.good else next(o for o in options if o is not good).label
-    text = f"Example {index + 1}:\n{_case(rubric, ex.prompt, ex.response)}\n\n"
-    text += f"{_question(rubric, swapped)}\n{rubric.answer_prefix} {answer}".rstrip()
+    text = f"Example {index + 1}:\n{_ask(rubric, _case(rubric, ex.prompt, ex.response), swapped)}"
+    text += f"\n{rubric.answer_prefix} {answer}".rstrip()
     if ex.explanation:
         text += f"\nReason: {ex.explanation}"
     return text
@@ -136,7 +158,7 @@ def render_judge_prompt(
     if rubric.examples:
         body = "\n\n".join(_example(rubric, i, ex) for i, ex in enumerate(rubric.examples))
         body += "\n\nNow the case to judge:\n"
-    body += f"{_case(rubric, _defuse(prompt), _defuse(response))}\n\n{_question(rubric, swapped)}"
+    body += _ask(rubric, _case(rubric, _defuse(prompt), _defuse(response)), swapped)
     if rubric.style == "chat" and backend.has_chat_template:
         text = backend.render_chat(
             [{"role": "system", "content": rubric.instruction}, {"role": "user", "content": body}]
@@ -147,11 +169,15 @@ def render_judge_prompt(
 
 @dataclass(frozen=True)
 class _Layout:
-    """Token pieces of a rubric's judge prompt, around the prompt and response."""
+    """Token pieces of a rubric's judge prompt, around the prompt and response.
 
-    preamble: tuple[int, ...]  # up to the user's prompt (or to the response)
-    middle: tuple[int, ...]  # between prompt and response ('' without include_prompt)
-    tails: tuple[tuple[int, ...], ...]  # after the response, one per option order
+    Per option order: ``heads[o]`` + prompt + ``middles[o]`` + response + ``tails[o]``.
+    """
+
+    preamble: tuple[int, ...]  # the heads' common start: instructions and examples
+    heads: tuple[tuple[int, ...], ...]  # up to the user's prompt (or to the response)
+    middles: tuple[tuple[int, ...], ...]  # between prompt and response (empty without it)
+    tails: tuple[tuple[int, ...], ...]  # after the response
     good_ids: tuple[frozenset[int], ...]  # per order: first tokens meaning "good"
     bad_ids: tuple[frozenset[int], ...]
 
@@ -171,22 +197,19 @@ def _label_tokens(backend: LanguageModel, label: str) -> frozenset[int]:
 def build_layout(backend: LanguageModel, rubric: Rubric) -> _Layout:
     orders = (False, True) if rubric.swap_options else (False,)
     texts = [render_judge_prompt(backend, rubric, _PROMPT_MARK, _RESPONSE_MARK, s) for s in orders]
-    heads, tails = [], []
-    for text in texts:
-        head, _, tail = text.partition(_RESPONSE_MARK)
-        heads.append(head)
-        tails.append(tail)
-    head = heads[0]
-    marks = [t.count(_RESPONSE_MARK) for t in texts] + [head.count(_PROMPT_MARK)]
-    if marks != [1] * len(texts) + [int(rubric.include_prompt)]:
+    marks = [(t.count(_RESPONSE_MARK), t.count(_PROMPT_MARK)) for t in texts]
+    if marks != [(1, int(rubric.include_prompt))] * len(texts):
         raise RubricError(
             f"rubric {rubric.name!r}: its text contains {_PROMPT_MARK} or {_RESPONSE_MARK}, "
             "which the judge prompt reserves; remove them from the rubric"
         )
-    if rubric.include_prompt:
-        pre, _, mid = head.partition(_PROMPT_MARK)
-    else:
-        pre, mid = head, ""
+    heads, middles, tails = [], [], []
+    for text in texts:
+        head, _, tail = text.partition(_RESPONSE_MARK)
+        pre, _, mid = head.partition(_PROMPT_MARK) if rubric.include_prompt else (head, "", "")
+        heads.append(tuple(backend.encode(pre)))
+        middles.append(tuple(backend.encode(mid)))
+        tails.append(tuple(backend.encode(tail)))
     good_ids, bad_ids = [], []
     for swapped in orders:
         options, good = _options(rubric, swapped)
@@ -200,10 +223,14 @@ def build_layout(backend: LanguageModel, rubric: Rubric) -> _Layout:
             )
         good_ids.append(g)
         bad_ids.append(b)
+    shared = min(len(h) for h in heads)
+    for h in heads[1:]:
+        shared = next((i for i in range(shared) if h[i] != heads[0][i]), shared)
     return _Layout(
-        preamble=tuple(backend.encode(pre)),
-        middle=tuple(backend.encode(mid)),
-        tails=tuple(tuple(backend.encode(t)) for t in tails),
+        preamble=heads[0][:shared],
+        heads=tuple(heads),
+        middles=tuple(middles),
+        tails=tuple(tails),
         good_ids=tuple(good_ids),
         bad_ids=tuple(bad_ids),
     )
@@ -237,9 +264,16 @@ class SelfEvaluator(Evaluator):
                 self.backend.unpin(old.preamble)
             return layout
 
-    def session(self, rubric: Rubric, prompt_text: str, *, reuse: bool = True) -> EvalSession:
+    def session(
+        self,
+        rubric: Rubric,
+        prompt_text: str,
+        *,
+        reuse: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> EvalSession:
         layout = self.layout(rubric)
-        return _SelfEvalSession(self.backend, rubric, layout, prompt_text, reuse)
+        return _SelfEvalSession(self.backend, rubric, layout, prompt_text, reuse, cancel)
 
 
 class _SelfEvalSession(EvalSession):
@@ -250,8 +284,10 @@ class _SelfEvalSession(EvalSession):
         layout: _Layout,
         prompt_text: str,
         reuse: bool,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.backend = backend
+        self.cancel = cancel
         self.rubric = rubric
         self.layout = layout
         self.reuse = reuse
@@ -259,8 +295,11 @@ class _SelfEvalSession(EvalSession):
         # (special-token markup) or close its <request> block.
         literal = _defuse(prompt_text)
         prompt_ids = tuple(backend.encode_literal(literal)) if rubric.include_prompt else ()
-        self.request = layout.preamble + prompt_ids + layout.middle
-        needed = len(self.request) + max(len(t) for t in layout.tails) + 1
+        # One judge prompt per option order, up to where the response starts.
+        self.requests = [
+            head + prompt_ids + mid for head, mid in zip(layout.heads, layout.middles, strict=True)
+        ]
+        needed = max(len(r) + len(t) for r, t in zip(self.requests, layout.tails, strict=True)) + 1
         if needed > backend.context_window:
             raise RainInputError(
                 f"the prompt does not fit the judge prompt of rubric {rubric.name!r}: it needs "
@@ -268,23 +307,32 @@ class _SelfEvalSession(EvalSession):
                 f"of {backend.context_window}; shorten the prompt or use a rubric with fewer "
                 "examples"
             )
-        self._pinned: list[tuple[int, ...]] = []
+        self._pinned: list[tuple[int, ...]] = []  # the requests', then the committed ones
         if reuse:
-            self._pin(self.request)
+            try:
+                for request in self.requests:
+                    self._pin(request)
+            except BaseException:
+                self.close()  # a cancel between the orders' pins: release the first
+                raise
 
     def _pin(self, ids: tuple[int, ...]) -> None:
+        # One pin per option order: a cancel between them must stop the second.
+        if self.cancel is not None and self.cancel.is_set():
+            raise RainCancelled("the RAIN search was cancelled by its caller")
         self.backend.pin(ids)
         self._pinned.append(ids)
 
     def committed(self, response_ids: Sequence[int]) -> None:
         if not self.reuse:
             return
-        # Pin the longer prefix first so it is built from the shorter one, then
-        # drop the older pins (the rubric-and-prompt pin stays for the request).
-        ids = self.request + tuple(response_ids)
-        self._pin(ids)
-        while len(self._pinned) > 2:
-            self.backend.unpin(self._pinned.pop(1))
+        # Pin the longer prefixes first so they are built from the shorter ones,
+        # then drop the older ones (the request pins stay for the whole request).
+        orders = len(self.requests)
+        for request in self.requests:
+            self._pin(request + tuple(response_ids))
+        while len(self._pinned) > 2 * orders:
+            self.backend.unpin(self._pinned.pop(orders))
 
     def close(self) -> None:
         while self._pinned:
@@ -296,7 +344,7 @@ class _SelfEvalSession(EvalSession):
             # The response imitates our delimiters: re-encode it defused (and read
             # literally) so it cannot close its own block and speak as the judge.
             ids = tuple(self.backend.encode_literal(_defuse(response_text)))
-        seqs = [self.request + ids + tail for tail in self.layout.tails]
+        seqs = [r + ids + t for r, t in zip(self.requests, self.layout.tails, strict=True)]
         logprobs = self.backend.next_token_logprobs(seqs, reuse=self.reuse)
         return _judge(self.rubric, self.layout, logprobs)
 

@@ -306,11 +306,15 @@ class TransformersBackend(LanguageModel):
         shared = min(len(s) for s in sequences) - 1
         for seq in sequences[1:]:
             shared = min(shared, _common_prefix(np.asarray(first[:shared], dtype=np.int64), seq))
-        cache, m = self._cache_for(first, shared)
-        if shared > m:
-            self._forward(torch.tensor([list(first[m:shared])]), cache, 1)
-        if len(sequences) > 1:
-            cache.batch_repeat_interleave(len(sequences))
+        own = self._own_prefixes(sequences, shared)
+        if own is not None:
+            cache, shared = own
+        else:
+            cache, m = self._cache_for(first, shared)
+            if shared > m:
+                self._forward(torch.tensor([list(first[m:shared])]), cache, 1)
+            if len(sequences) > 1:
+                cache.batch_repeat_interleave(len(sequences))
         tails = [list(s[shared:]) for s in sequences]
         width = max(len(t) for t in tails)
         # Right padding needs no attention mask: under the causal mask a real
@@ -324,6 +328,34 @@ class TransformersBackend(LanguageModel):
         column = torch.searchsorted(keep, last)
         logits = out.logits[torch.arange(len(tails)), column]
         return self._logprobs(logits)
+
+    def _own_prefixes(
+        self, sequences: Sequence[Sequence[int]], shared: int
+    ) -> tuple[DynamicCache, int] | None:
+        """A batch cache from each row's own pinned prefix, when those reach past ``shared``.
+
+        Rows that diverge early but each continue a pinned prefix (the judge's two
+        option orders, when the options come before the response) start from their
+        own snapshots, cut to a common length ``m``; returns the cache and ``m``.
+        """
+        if len(sequences) < 2:
+            return None
+        snaps: list[_Snapshot] = []
+        m = len(sequences[0])
+        for seq in sequences:
+            snap, length = self._best_snapshot(seq, len(seq) - 1)
+            if snap is None or length <= shared:
+                return None
+            snaps.append(snap)
+            m = min(m, length)
+        layers = [
+            (
+                torch.cat([snap.kv[i][0][:, :, :m] for snap in snaps]),
+                torch.cat([snap.kv[i][1][:, :, :m] for snap in snaps]),
+            )
+            for i in range(len(snaps[0].kv))
+        ]
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config), m
 
     def extend(
         self,

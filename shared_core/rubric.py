@@ -84,6 +84,10 @@ class Rubric(BaseModel):
     """``hard``: each order votes ±1 (the paper); ``soft``: (p_good − p_bad)/(p_good + p_bad)."""
     include_prompt: bool = True
     """Show the user's prompt to the judge (off for judging the text alone, e.g. sentiment)."""
+    question_position: Literal["before", "after"] = "before"
+    """Where the question and options stand: ``before`` the case (cheaper: the two option
+    orders then differ only in a cached part, and each evaluation reads a short tail) or
+    ``after`` it (the judge reads the question last, at ~60 more tokens per evaluation)."""
     answer_prefix: str = "Answer:"
     """Text after which the label is read (after the assistant turn starts in chat style)."""
 
@@ -212,6 +216,12 @@ PRESETS: dict[str, Rubric] = {
             ),
         ),
         include_prompt=False,
+        # Measured on the same model (ranking of 120 of its own continuations against
+        # VADER, benchmarks/alignment.py): the label probabilities rank texts better
+        # (AUC 0.68) than the hard votes (0.58), which lean to "negative" once the
+        # question comes before the text; the search compares candidates by value,
+        # so it gets the soft score.
+        scoring="soft",
         answer_prefix="The sentiment of the text is",
     ),
 }

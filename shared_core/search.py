@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ from shared_core.backend import LanguageModel
 from shared_core.config import RainConfig
 from shared_core.constraints import TokenConstraint
 from shared_core.embeddings import Embedder
-from shared_core.errors import RainError
+from shared_core.errors import RainCancelled, RainError
 from shared_core.evaluation import EvalSession, Judgement
 from shared_core.sampling import sample_top_k, top_k_indices
 from shared_core.tree import Node, Tree, path_tokens
@@ -37,16 +37,13 @@ __all__ = [
     "puct_score",
     "run_search",
     "select",
+    "select_child",
     "should_commit",
     "similarity_update",
     "simulate",
 ]
 
 EventHandler = Callable[[str, dict[str, Any]], None]
-
-
-class RainCancelled(RainError):
-    """The caller cancelled the search (asyncio cancel, KeyboardInterrupt, cancel event)."""
 
 
 @dataclass
@@ -207,13 +204,18 @@ def puct_score(tree: Tree, parent: Node, child: Node, config: RainConfig, is_roo
     return q + config.c * prior * math.sqrt(parent.visits) / (1.0 + child.visits)
 
 
+def select_child(tree: Tree, node: Node, config: RainConfig) -> Node:
+    """The child of ``node`` with the highest PUCT score (first on ties: likelier set)."""
+    scores = [puct_score(tree, node, ch, config, node is tree.root) for ch in node.children]
+    return node.children[int(np.argmax(scores))]
+
+
 def select(tree: Tree, config: RainConfig) -> list[Node]:
     """Walk from the root by PUCT to a leaf (or a terminal node); returns the path."""
     path = [tree.root]
     node = tree.root
     while node.children and not node.terminal:
-        scores = [puct_score(tree, node, ch, config, node is tree.root) for ch in node.children]
-        node = node.children[int(np.argmax(scores))]
+        node = select_child(tree, node, config)
         path.append(node)
     return path
 
@@ -267,12 +269,8 @@ def _hits_stop_string(ctx: SearchContext, uncommitted: list[int]) -> bool:
 
 def _candidate_sets(
     ctx: SearchContext, path: list[Node], length: int, n: int, greedy: bool, exclude: set
-) -> tuple[list[tuple[list[int], float, bool]], list[int]]:
-    """Distinct token sets after ``path``: (tokens, log-prob, is_greedy).
-
-    Also returns the first sampled row as drawn (before de-duplication): a
-    sample of the continuation that a rollout may start from.
-    """
+) -> list[tuple[list[int], float, bool]]:
+    """Distinct token sets after ``path``: (tokens, log-prob, is_greedy)."""
     ctx.check_cancel()  # before every model call: after a cancel no new one starts
     response = ctx.committed + path_tokens(path)
     prefix = ctx.prompt_ids + response
@@ -289,7 +287,7 @@ def _candidate_sets(
             out.append(([int(tok)], float(logprobs[tok]), greedy and rank == 0))
             if len(out) == n:
                 break
-        return out, []
+        return out
     # Longer sets: one greedy run plus samples from the top-k distribution.
     cfg = ctx.config
     pick = _sampler(
@@ -303,22 +301,15 @@ def _candidate_sets(
             continue
         seen.add(tokens)
         out.append((list(tokens), float(sum(cont.logprobs)), greedy and row == 0))
-    first_sampled = 1 if greedy else 0
-    sample = conts[first_sampled].token_ids if len(conts) > first_sampled else []
-    return out, sample
+    return out
 
 
 def expand(ctx: SearchContext, path: list[Node]) -> list[Node]:
     """Add candidate token sets under the leaf; set length grows with depth."""
-    return expand_with_sample(ctx, path)[0]
-
-
-def expand_with_sample(ctx: SearchContext, path: list[Node]) -> tuple[list[Node], list[int]]:
-    """:func:`expand`, also returning a sampled continuation for the rollout (or [])."""
     leaf = path[-1]
     length = min(ctx.config.token_set_length(leaf.depth), max(ctx.room(path), 1))
     with ctx.timed("expansion"):
-        sets, sample = _candidate_sets(ctx, path, length, ctx.config.num_candidates, True, set())
+        sets = _candidate_sets(ctx, path, length, ctx.config.num_candidates, True, set())
     sets.sort(key=lambda s: -s[1])  # by prior, so PUCT ties favour the likelier set
     children = []
     for tokens, logp, is_greedy in sets:
@@ -327,27 +318,14 @@ def expand_with_sample(ctx: SearchContext, path: list[Node]) -> tuple[list[Node]
         children.append(child)
     leaf.add_children(children)
     ctx.stats.nodes += len(children)
-    return children, sample
+    return children
 
 
 # --- 3. simulate + evaluate ------------------------------------------------------------
 
 
-def _reusable_sample(config: RainConfig) -> bool:
-    """Expansion samples are draws from the rollout's distribution (same top-k, temperature)."""
-    return (
-        config.expansion_top_k == config.simulation_top_k
-        and config.expansion_temperature == config.simulation_temperature
-    )
-
-
-def simulate(ctx: SearchContext, path: list[Node], sample: Sequence[int] = ()) -> list[int]:
-    """Extend the leaf with sampled tokens to the end of the current clause.
-
-    ``sample`` is a continuation of the leaf already drawn from the rollout's
-    distribution (an expansion sample): the rollout starts with it, up to the
-    clause end, and samples further only if the clause is still open.
-    """
+def simulate(ctx: SearchContext, path: list[Node]) -> list[int]:
+    """Extend the end of ``path`` with sampled tokens to the end of the current clause."""
     cfg = ctx.config
     leaf = path[-1]
     tokens = ctx.committed + path_tokens(path)
@@ -355,29 +333,21 @@ def simulate(ctx: SearchContext, path: list[Node], sample: Sequence[int] = ()) -
     if not cfg.simulate or leaf.terminal or budget <= 0:
         return []
     mask = ctx.delimiter_mask
-    if mask is not None and tokens and mask[tokens[-1]]:
-        return []  # the clause is already complete
+    if mask is not None and tokens and mask[list(leaf.token_ids) or tokens[-1:]].any():
+        # The clause under way ended inside this token set (or just before it):
+        # the judge already sees a complete clause.
+        return []
 
     def clause_done(row: list[int]) -> bool:
         return mask is not None and bool(mask[row[-1]])
 
-    rollout: list[int] = []
-    for t in sample if _reusable_sample(cfg) else ():
-        if len(rollout) == budget:
-            return rollout
-        rollout.append(int(t))
-        if t in ctx.backend.stop_token_ids or clause_done(rollout):
-            return rollout
-    if len(rollout) >= budget:
-        return rollout
     ctx.check_cancel()
     with ctx.timed("simulation"):
-        response = tokens + rollout
-        pick = _sampler(ctx, cfg.simulation_top_k, cfg.simulation_temperature, response)
+        pick = _sampler(ctx, cfg.simulation_top_k, cfg.simulation_temperature, tokens)
         cont = ctx.backend.extend(
-            ctx.prompt_ids + response, 1, budget - len(rollout), pick, clause_done, reuse=ctx.reuse
+            ctx.prompt_ids + tokens, 1, budget, pick, clause_done, reuse=ctx.reuse
         )
-    return rollout + cont[0].token_ids
+    return cont[0].token_ids
 
 
 def _response(ctx: SearchContext, tokens: list[int]) -> list[int]:
@@ -490,7 +460,7 @@ def dynamic_addition(ctx: SearchContext, path: list[Node]) -> int:
             count = ctx.config.dynamic_addition_count
             # Over-sample multi-token sets: duplicates of existing children are dropped.
             n = count if length == 1 else 2 * count
-            sets = _candidate_sets(ctx, path[: depth + 1], length, n, False, exclude)[0][:count]
+            sets = _candidate_sets(ctx, path[: depth + 1], length, n, False, exclude)[:count]
         new = [_make_node(ctx, path[: depth + 1], t, lp) for t, lp, _ in sets]
         node.add_children(new)
         ctx.stats.nodes += len(new)
@@ -505,12 +475,15 @@ def iterate(ctx: SearchContext, tree: Tree) -> Judgement:
     """One inner-loop iteration of RAIN."""
     ctx.check_cancel()
     path = select(tree, ctx.config)
-    _count_rewind(ctx, path)
     leaf = path[-1]
-    sample: list[int] = []
-    if leaf.is_leaf and not leaf.terminal:
-        _, sample = expand_with_sample(ctx, path)
-    rollout = simulate(ctx, path, sample)
+    if leaf.is_leaf and not leaf.terminal and expand(ctx, path):
+        # Selection takes one more step, into the new children (classic MCTS:
+        # simulate from a new node), so this evaluation already scores a
+        # candidate: with greedy_early_commit a good greedy set is committed
+        # after one iteration instead of two.
+        path.append(select_child(tree, leaf, ctx.config))
+    _count_rewind(ctx, path)
+    rollout = simulate(ctx, path)
     judgement = evaluate(ctx, path, rollout)
     backup(tree, path, judgement.score)
     if ctx.config.similarity_update:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import string
+import threading
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -166,7 +167,14 @@ class ScriptedEvaluator(Evaluator):
         self.judged: list[str] = []
         self.sessions: list[ScriptedSession] = []
 
-    def session(self, rubric: Rubric, prompt_text: str, *, reuse: bool = True) -> EvalSession:
+    def session(
+        self,
+        rubric: Rubric,
+        prompt_text: str,
+        *,
+        reuse: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> EvalSession:
         session = ScriptedSession(self, rubric, prompt_text)
         self.sessions.append(session)
         return session

@@ -117,6 +117,25 @@ def test_prefix_reuse_runs_fewer_tokens(backend) -> None:
     assert reused <= len(batch) * max(len(t) for t in tails)  # only the padded tails
 
 
+def test_rows_continuing_their_own_pins_start_from_their_own_snapshots(backend) -> None:
+    # The judge's two option orders: prompts that diverge early, each pinned.
+    base = backend.encode(TEXT)
+    heads = [base + backend.encode(w) for w in (" first, then second.", " second, then first!")]
+    rows = [heads[0] + backend.encode(" it ends"), heads[1] + backend.encode(" it ends here")]
+    reference = backend.next_token_logprobs(rows, reuse=False)
+    for head in heads:
+        backend.pin(head)
+    before = backend.work.tokens_processed
+    reused = backend.next_token_logprobs(rows, reuse=True)
+    ran = backend.work.tokens_processed - before
+    for head in heads:
+        backend.unpin(head)
+    np.testing.assert_allclose(reused, reference, atol=1e-4)
+    # Only what follows the shorter pin was run, padded to the longer row.
+    shorter = min(len(h) for h in heads)
+    assert ran == len(rows) * max(len(r) - shorter for r in rows)
+
+
 def test_pins_are_reference_counted(backend) -> None:
     ids = backend.encode(TEXT)
     backend.pin(ids)

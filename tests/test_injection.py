@@ -139,22 +139,31 @@ def test_injected_response_stays_inside_its_block(recording: _Recording, kind: s
     assert len(recording.sent) == 2 and recording.sent[0] != recording.sent[1]
     tokenizer = recording.inner.tokenizer
     special = set(tokenizer.all_special_ids)
-    tails = []
-    for ids, tail in zip(recording.sent, session.layout.tails, strict=True):
+    heads = []
+    rows = zip(recording.sent, session.requests, session.layout.tails, strict=True)
+    for ids, request, tail in rows:
         text = tokenizer.decode(ids)  # special tokens kept: nothing may hide
         inside, after = _candidate_block(text)
         # Everything the response said is inside the block (defused, never obeyed) ...
         assert all(w in inside for w in re.findall(r"[A-Za-z]{4,}", payload))
-        # ... and what follows the block is the rubric's own question, unchanged.
-        assert after.strip().startswith(HARMLESS.question)
+        # ... what follows the block is the rubric's own closing, unchanged ...
+        assert not re.search(
+            r"[A-Za-z]{4,}",
+            after.replace("<|im_end|>", "")
+            .replace("<|im_start|>assistant", "")
+            .replace(HARMLESS.answer_prefix, ""),
+        )
         assert after.rstrip().endswith(HARMLESS.answer_prefix)
-        tails.append(after)
+        # ... and the question came before it, from the rubric.
+        head = text[: text.rfind(_OPEN)]
+        assert HARMLESS.question in head[head.rfind("Now the case to judge") :]
+        heads.append(head)
         # The response's own tokens: between the request prefix and the fixed tail.
-        assert tuple(ids[: len(session.request)]) == session.request
+        assert tuple(ids[: len(request)]) == request
         assert tuple(ids[len(ids) - len(tail) :]) == tail
-        response_ids = ids[len(session.request) : len(ids) - len(tail)]
+        response_ids = ids[len(request) : len(ids) - len(tail)]
         assert special.isdisjoint(response_ids), "response text never becomes a turn token"
-    assert tails[0] != tails[1], "the second order shows the options swapped"
+    assert heads[0] != heads[1], "the second order shows the options swapped"
 
 
 def test_user_prompt_cannot_close_the_request_block(recording: _Recording) -> None:

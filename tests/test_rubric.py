@@ -138,20 +138,29 @@ def test_unscorable_labels_fail_the_call_not_the_search(tiny_engine) -> None:
         tiny_engine.generate("hello", rubric=rubric, max_new_tokens=2)
 
 
+@pytest.mark.parametrize("position", ["before", "after"])
 @pytest.mark.parametrize("name", ["harmless", "truthful", "positive"])
-def test_cached_layout_pieces_spell_the_judge_prompt(smol_backend, name: str) -> None:
+def test_cached_layout_pieces_spell_the_judge_prompt(smol_backend, name: str, position) -> None:
     # The evaluator assembles the judge prompt from cached token pieces; they
     # must read exactly as the rendered prompt does, in both option orders.
-    rubric = get_rubric(name)
+    rubric = get_rubric({"preset": name, "question_position": position})
     layout = build_layout(smol_backend, rubric)
     prompt, response = "Tell me about the sea.", "The sea is vast and calm."
     prompt_ids = smol_backend.encode(prompt) if rubric.include_prompt else []
-    for swapped, tail in zip((False, True), layout.tails, strict=True):
-        ids = [*layout.preamble, *prompt_ids, *layout.middle, *smol_backend.encode(response)]
-        ids += tail
+    pieces = zip((False, True), layout.heads, layout.middles, layout.tails, strict=True)
+    for swapped, head, middle, tail in pieces:
+        assert head[: len(layout.preamble)] == layout.preamble  # cached once per rubric
+        ids = [*head, *prompt_ids, *middle, *smol_backend.encode(response), *tail]
         text = render_judge_prompt(smol_backend, rubric, prompt, response, swapped)
         assert smol_backend.tokenizer.decode(ids) == text
+        question_at = text.rindex(rubric.question)  # the case's, after the examples'
+        assert (question_at < text.index(response)) == (position == "before")
     assert "<|im_start|>assistant" in text  # chat style: the model's own template
+    if position == "before":
+        # The orders differ only before the response: the per-evaluation tail is
+        # shared and short, and the examples are part of the common preamble.
+        assert layout.tails[0] == layout.tails[1] and len(layout.tails[0]) < 25
+        assert max(len(h) for h in layout.heads) - len(layout.preamble) < 40
 
 
 # --- the verdict: hard votes, soft scores, swapped orders --------------------------------
@@ -166,7 +175,8 @@ def _letter_judge(prefers: Callable[[str], Mapping[str, float]]) -> Callable[[st
 
     def next_fn(context: str) -> dict[str, float]:
         response = context.rsplit("<response>\n", 1)[-1].split("\n</response>", 1)[0]
-        question = context.rsplit("</response>", 1)[-1]
+        # The case's own question and options: after the examples, before the response.
+        question = context.rsplit("<response>\n", 1)[0].rsplit("Now the case to judge", 1)[-1]
         out: dict[str, float] = {}
         for word, weight in prefers(response).items():
             line = next(x for x in question.splitlines() if x.endswith(f"is {word}."))

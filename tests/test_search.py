@@ -197,6 +197,7 @@ def test_simulation_rolls_out_to_the_end_of_the_clause() -> None:
     assert rollout("a") == "b,"  # stops after the delimiter
     assert rollout("ab,", " c") == "d."
     assert rollout("ab,") == ""  # the clause is already complete
+    assert rollout("ab, c") == ""  # the clause under way ended inside the token set
     assert rollout("a", simulation_max_tokens=1) == "b"
     assert rollout("a", simulate=False) == ""
     assert rollout("ab, cd.") == ""  # "." ends the clause; end of text comes next
@@ -399,7 +400,7 @@ def _trace_engine(score: float) -> RainEngine:
 
 def test_search_commits_after_t_visits_when_nothing_scores_well() -> None:
     cfg = _cfg(
-        T=12, min_new_iterations=2, T_m=2, V=0.8, num_candidates=3, max_new_tokens=8,
+        T=12, min_new_iterations=2, T_m=2, V=0.8, num_candidates=4, max_new_tokens=8,
         similarity_update=False, dynamic_addition=False,
     )  # fmt: skip
     result = _trace_engine(-1.0).generate("go", config=cfg)
@@ -437,12 +438,16 @@ def test_four_iterations_build_the_tree_the_formulas_predict() -> None:
     """One-token sets, no rollouts: every step is determined, so the tree is known.
 
     Priors b 0.7, g 0.3; mixed at the root: b 0.65, g 0.35. The judge scores a
-    text starting with "b" -1, with "g" +1, the empty text 0.
-    1. root is a leaf: expand (b, g); judge "" = 0.        root n1 v0
-    2. b: 0 + 2·0.65·1/1 = 1.30 > g: 2·0.35·1/1 = 0.70;  expand b (a, eos); "b" = -1
-    3. √2: b 0 + 2·0.65·√2/2 = 0.92 < g 0 + 2·0.35·√2/1 = 0.99;  expand g; "g" = +1
-    4. √3: b 0 + 2·0.65·√3/2 = 1.13 < g 1 + 2·0.35·√3/2 = 1.61; below g (no mixing)
-       o: 0 + 2·1·1/1 = 2 wins over eos; expand o; "go" = +1
+    text starting with "b" -1, with "g" +1. After an expansion, selection steps
+    into the new children; with no visits yet every score ties and the likelier
+    child is taken.
+    1. root is a leaf: expand (b, g), step into b; "b" = -1.     root n1, b n1 v-1
+    2. √1: b q(-1)=0 + 2·0.65·1/2 = 0.65 < g 0 + 2·0.35·1/1 = 0.70;
+       expand g (o, eos), step into o; "go" = +1
+    3. √2: b 0 + 2·0.65·√2/2 = 0.92 < g 1 + 2·0.35·√2/2 = 1.49; below g (no
+       mixing) o 1 + 2·1·1/2 = 2 beats eos; expand o, step into o; "goo" = +1
+    4. √3: b 0 + 2·0.65·√3/2 = 1.13 < g 1 + 2·0.35·√3/3 = 1.40; down o, o;
+       expand, step into d; "good" = +1
     """
     from shared_core.search import iterate
 
@@ -458,12 +463,15 @@ def test_four_iterations_build_the_tree_the_formulas_predict() -> None:
     ctx = make_context(lm, ScriptedEvaluator(judge), cfg)
     tree = Tree()
     scores = [iterate(ctx, tree).score for _ in range(4)]
-    assert scores == [0.0, -1.0, 1.0, 1.0]
+    assert scores == [-1.0, 1.0, 1.0, 1.0]
     assert _snapshot(lm, tree.root) == (
-        "", 4.0, 0.25, (
-            ("b", 1.0, -1.0, (("a", 0.0, 0.0, ()), ("<eos>", 0.0, 0.0, ()))),
-            ("g", 2.0, 1.0, (
-                ("o", 1.0, 1.0, (("o", 0.0, 0.0, ()), ("<eos>", 0.0, 0.0, ()))),
+        "", 4.0, 0.5, (
+            ("b", 1.0, -1.0, ()),
+            ("g", 3.0, 1.0, (
+                ("o", 3.0, 1.0, (
+                    ("o", 2.0, 1.0, (("d", 1.0, 1.0, ()), ("<eos>", 0.0, 0.0, ()))),
+                    ("<eos>", 0.0, 0.0, ()),
+                )),
                 ("<eos>", 0.0, 0.0, ()),
             )),
         ),
@@ -471,7 +479,7 @@ def test_four_iterations_build_the_tree_the_formulas_predict() -> None:
     b, g = tree.root.children
     assert (b.prior, g.prior) == (pytest.approx(0.7, abs=1e-4), pytest.approx(0.3, abs=1e-4))
     assert b.is_greedy and not g.is_greedy
-    assert ctx.stats.rewinds == 1  # iteration 3 left b for g
+    assert ctx.stats.rewinds == 1  # iteration 2 left b for g
     # The commit rule now takes g: most visited, and its value 1 ≥ V.
     assert choose_commit(tree.root) is g
     assert should_commit(tree.root, 4, _cfg(T_m=3, V=0.8))
@@ -526,13 +534,13 @@ def test_rain_agrees_with_greedy_when_the_judge_is_indifferent() -> None:
 
 
 def test_greedy_early_commit_takes_a_good_greedy_set_at_once() -> None:
-    # The fast preset's shortcut: iteration 1 judges the root, iteration 2 the
+    # The fast preset's shortcut: iteration 1 expands the root and judges the
     # greedy child; when that scores ≥ V it is committed without more search.
     engine, _ = _bad_good_engine(lambda t: 1.0)
     cfg = _cfg(**CORE_CFG, greedy_early_commit=True)
     result = engine.generate("say something", config=cfg)
     assert result.text == "bad."
-    assert result.trace[0]["iterations"] == 2 and result.trace[0]["greedy_agrees"]
+    assert result.trace[0]["iterations"] == 1 and result.trace[0]["greedy_agrees"]
     # A greedy set the judge dislikes is not taken early: RAIN still rewinds.
     engine, _ = _bad_good_engine()
     assert engine.generate("say something", config=cfg).text == "good."
