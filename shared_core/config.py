@@ -38,6 +38,10 @@ class RainConfig(BaseModel):
     """Sample multi-token candidates from the top-k distribution (reference code: 15)."""
     expansion_temperature: float = Field(1.0, gt=0.0)
     """Temperature for sampling multi-token candidates (reference code: 1)."""
+    expand_after_visits: int = Field(0, ge=0)
+    """Expand a reached leaf only once it has this many visits (0: at once, as the reference
+    code does). With 1 a new candidate is first judged by a rollout of its own and grows
+    children only when the search returns to it: far fewer multi-token expansions."""
     root_prior_mix: float = Field(0.25, ge=0.0, le=1.0)
     """Weight of the uniform prior mixed into the root's children: (1-w)·p + w/k (code: 0.25)."""
 
@@ -136,13 +140,15 @@ class RainConfig(BaseModel):
     def fast(cls, **overrides: Any) -> RainConfig:
         """A latency preset.
 
-        Fewer candidates (4), a smaller search per commit (T=12, at least 4 new
-        iterations, T_m=2), ``greedy_early_commit`` with V=0.5 (when the model's
+        Fewer candidates (4), a smaller search per commit (T=6: each candidate is
+        judged about once and the best ones a second time; at least 2 new
+        iterations; T_m=2), ``greedy_early_commit`` with V=0.5 (when the model's
         own greedy continuation already scores ≥ V it is committed at once; with
         hard verdicts a single evaluation is ≥ 0.5 only when both orders approve,
         while soft scores, which rarely reach 0.8, can pass it), token sets of 4
         tokens at the root and 10 below it (the paper's 1- and 2-token steps at
         the start of an answer cost a full search each for one or two tokens),
+        leaves expanded only on their second visit (``expand_after_visits=1``),
         and no similarity update or dynamic addition (no sentence embeddings).
         Trade-off: less look-ahead, coarser choices at the start of the answer
         and no sharing of scores between similar siblings, so a bad branch that
@@ -151,8 +157,9 @@ class RainConfig(BaseModel):
         base: dict[str, Any] = {
             "num_candidates": 4,
             "token_set_lengths": (4, 10),
-            "T": 12,
-            "min_new_iterations": 4,
+            "expand_after_visits": 1,
+            "T": 6,
+            "min_new_iterations": 2,
             "T_m": 2,
             "greedy_early_commit": True,
             "V": 0.5,

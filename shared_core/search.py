@@ -476,7 +476,9 @@ def iterate(ctx: SearchContext, tree: Tree) -> Judgement:
     ctx.check_cancel()
     path = select(tree, ctx.config)
     leaf = path[-1]
-    if leaf.is_leaf and not leaf.terminal and expand(ctx, path):
+    # The root always grows children: the next commit is chosen among them.
+    ripe = leaf is tree.root or leaf.visits >= ctx.config.expand_after_visits
+    if leaf.is_leaf and not leaf.terminal and ripe and expand(ctx, path):
         # Selection takes one more step, into the new children (classic MCTS:
         # simulate from a new node), so this evaluation already scores a
         # candidate: with greedy_early_commit a good greedy set is committed

@@ -485,6 +485,40 @@ def test_four_iterations_build_the_tree_the_formulas_predict() -> None:
     assert should_commit(tree.root, 4, _cfg(T_m=3, V=0.8))
 
 
+def test_expand_after_visits_judges_a_new_candidate_before_growing_it() -> None:
+    """The tree of the test above with ``expand_after_visits=1``.
+
+    1. the root always expands: (b, g), step into b; "b" = -1 (b stays a leaf)
+    2. g 0.70 > b 0.65: g is unvisited, so it is judged as it is; "g" = +1
+    3. g again (1.49 > 0.92): now visited once, it expands; step into o; "go" = +1
+    4. g, o (visited once: expands), step into the new o; "goo" = +1
+    """
+    from shared_core.search import iterate
+
+    lm = ScriptedLM(choice_table({"bad.": 0.7, "good.": 0.3}))
+
+    def judge(text: str) -> float:
+        return -1.0 if text.startswith("b") else 1.0 if text.startswith("g") else 0.0
+
+    cfg = _cfg(
+        num_candidates=2, token_set_lengths=(1,), simulate=False, c=2.0, root_prior_mix=0.25,
+        similarity_update=False, dynamic_addition=False, expand_after_visits=1,
+    )  # fmt: skip
+    ctx = make_context(lm, ScriptedEvaluator(judge), cfg)
+    tree = Tree()
+    scores = [iterate(ctx, tree).score for _ in range(4)]
+    assert scores == [-1.0, 1.0, 1.0, 1.0]
+    assert _snapshot(lm, tree.root) == (
+        "", 4.0, 0.5, (
+            ("b", 1.0, -1.0, ()),
+            ("g", 3.0, 1.0, (
+                ("o", 2.0, 1.0, (("o", 1.0, 1.0, ()), ("<eos>", 0.0, 0.0, ()))),
+                ("<eos>", 0.0, 0.0, ()),
+            )),
+        ),
+    )  # fmt: skip
+
+
 # --- the core promise, end to end -----------------------------------------------------
 
 
