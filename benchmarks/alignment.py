@@ -282,6 +282,30 @@ def _mean(xs: list[float]) -> float:
     return float(np.mean(xs)) if xs else float("nan")
 
 
+def _auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Probability that a positive item scores above a negative one (ties count half)."""
+    pos = np.asarray([s for s, y in zip(scores, labels, strict=True) if y])
+    neg = np.asarray([s for s, y in zip(scores, labels, strict=True) if not y])
+    if not len(pos) or not len(neg):
+        return None
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+
+
+def _ranks(x: Sequence[float]) -> np.ndarray:
+    """Ranks with ties averaged."""
+    _, inverse, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts
+    return (starts + (counts - 1) / 2.0)[inverse]
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    ra, rb = _ranks(a), _ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def diagnose(args: argparse.Namespace) -> dict[str, Any]:
     """Judge-vs-VADER agreement on the continuations of a finished sentiment run.
 
@@ -303,15 +327,25 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
         for x in load_jsonl("sentiment_openings.jsonl")
     }
     out: dict[str, Any] = {}
-    for method in ("vanilla_greedy", "rain"):
-        rows = report["sentiment"][method]["items"]
+    pooled: dict[str, list[float]] = {"soft": [], "hard": []}
+    pooled_rows: list[dict[str, Any]] = []
+    for method in ("vanilla_greedy", "vanilla_sampled", "rain"):
+        rows = report["sentiment"].get(method, {}).get("items", [])
         agree, judged_pos = [], []
         for row in rows:
-            j = engine.self_evaluate(
-                [{"role": "user", "content": prompts[row["id"]]}], row["text"], rubric="positive"
+            messages = [{"role": "user", "content": prompts[row["id"]]}]
+            # The preset as the search uses it, and the paper's hard votes, for the ranking.
+            j = engine.self_evaluate(messages, row["text"], rubric="positive")
+            hard = engine.self_evaluate(
+                messages, row["text"], rubric={"preset": "positive", "scoring": "hard"}
             )
+            pooled["soft"].append(j.score)
+            pooled["hard"].append(hard.score)
+            pooled_rows.append(row)
             judged_pos.append(j.score > 0)
             agree.append(0.5 if j.score == 0 else float((j.score > 0) == row["positive"]))
+        if method == "vanilla_sampled":
+            continue  # pooled for the ranking only
         out[method] = {
             "n": len(rows),
             "agreement_with_vader": float(np.mean(agree)),
@@ -319,6 +353,19 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
             "vader_positive_rate": float(np.mean([r["positive"] for r in rows])),
         }
         _log(f"diagnose {method}: {out[method]}")
+    # Does the judge *rank* continuations as VADER does? The search compares
+    # candidates by value, so ranking matters more than verdicts.
+    positive = [bool(r["positive"]) for r in pooled_rows]
+    compound = [float(r["compound"]) for r in pooled_rows]
+    out["ranking"] = {
+        scoring: {
+            "n": len(scores),
+            "auc_vs_vader_positive": _auc(scores, positive),
+            "spearman_vs_vader_compound": _spearman(scores, compound),
+        }
+        for scoring, scores in pooled.items()
+    }
+    _log(f"diagnose ranking (greedy + sampled + RAIN texts): {out['ranking']}")
     report["judge_vs_vader_on_continuations"] = out
     _write(report, args.out)
     return report

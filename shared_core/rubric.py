@@ -198,7 +198,8 @@ PRESETS: dict[str, Rubric] = {
         # Measured on SmolLM2-135M (benchmarks/alignment.py, 40 labelled texts): the bare
         # prompt scored 50 %; a sentence the label completes, four short examples (the
         # negatives last, against the model's lean to "positive") and option texts that
-        # say what each side does lift it to 94 % (hard votes, both option orders).
+        # say what each side does lift it to 94 % (hard votes, both option orders; 90 %
+        # with the soft scores below and the question before the text).
         examples=(
             RubricExample(
                 prompt="", response="The story is clever and the ending made me smile.", good=True
@@ -216,11 +217,11 @@ PRESETS: dict[str, Rubric] = {
             ),
         ),
         include_prompt=False,
-        # Measured on the same model (ranking of 120 of its own continuations against
-        # VADER, benchmarks/alignment.py): the label probabilities rank texts better
-        # (AUC 0.68) than the hard votes (0.58), which lean to "negative" once the
-        # question comes before the text; the search compares candidates by value,
-        # so it gets the soft score.
+        # Measured on the same model (``benchmarks/alignment.py --diagnose``: ranking
+        # 144 of its own continuations against VADER): the label probabilities rank
+        # texts better (AUC 0.77) than the hard votes (0.63), which lean to "negative"
+        # once the question comes before the text; the search compares candidates by
+        # value, so it gets the soft score.
         scoring="soft",
         answer_prefix="The sentiment of the text is",
     ),
