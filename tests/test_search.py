@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -434,6 +435,24 @@ def _snapshot(lm: ScriptedLM, node: Node) -> tuple:
     return (text, round(node.visits, 6), round(node.value, 6), kids)
 
 
+def _four_iterations(**overrides: object) -> tuple[ScriptedLM, Any, Tree, list[float]]:
+    """Four iterations on "bad." (p 0.7) / "good." (p 0.3); the judge dislikes "b"."""
+    from shared_core.search import iterate
+
+    lm = ScriptedLM(choice_table({"bad.": 0.7, "good.": 0.3}))
+
+    def judge(text: str) -> float:
+        return -1.0 if text.startswith("b") else 1.0 if text.startswith("g") else 0.0
+
+    cfg = _cfg(
+        num_candidates=2, token_set_lengths=(1,), simulate=False, c=2.0, root_prior_mix=0.25,
+        similarity_update=False, dynamic_addition=False, **overrides,
+    )  # fmt: skip
+    ctx = make_context(lm, ScriptedEvaluator(judge), cfg)
+    tree = Tree()
+    return lm, ctx, tree, [iterate(ctx, tree).score for _ in range(4)]
+
+
 def test_four_iterations_build_the_tree_the_formulas_predict() -> None:
     """One-token sets, no rollouts: every step is determined, so the tree is known.
 
@@ -449,20 +468,7 @@ def test_four_iterations_build_the_tree_the_formulas_predict() -> None:
     4. √3: b 0 + 2·0.65·√3/2 = 1.13 < g 1 + 2·0.35·√3/3 = 1.40; down o, o;
        expand, step into d; "good" = +1
     """
-    from shared_core.search import iterate
-
-    lm = ScriptedLM(choice_table({"bad.": 0.7, "good.": 0.3}))
-
-    def judge(text: str) -> float:
-        return -1.0 if text.startswith("b") else 1.0 if text.startswith("g") else 0.0
-
-    cfg = _cfg(
-        num_candidates=2, token_set_lengths=(1,), simulate=False, c=2.0, root_prior_mix=0.25,
-        similarity_update=False, dynamic_addition=False,
-    )  # fmt: skip
-    ctx = make_context(lm, ScriptedEvaluator(judge), cfg)
-    tree = Tree()
-    scores = [iterate(ctx, tree).score for _ in range(4)]
+    lm, ctx, tree, scores = _four_iterations()
     assert scores == [-1.0, 1.0, 1.0, 1.0]
     assert _snapshot(lm, tree.root) == (
         "", 4.0, 0.5, (
@@ -493,20 +499,7 @@ def test_expand_after_visits_judges_a_new_candidate_before_growing_it() -> None:
     3. g again (1.49 > 0.92): now visited once, it expands; step into o; "go" = +1
     4. g, o (visited once: expands), step into the new o; "goo" = +1
     """
-    from shared_core.search import iterate
-
-    lm = ScriptedLM(choice_table({"bad.": 0.7, "good.": 0.3}))
-
-    def judge(text: str) -> float:
-        return -1.0 if text.startswith("b") else 1.0 if text.startswith("g") else 0.0
-
-    cfg = _cfg(
-        num_candidates=2, token_set_lengths=(1,), simulate=False, c=2.0, root_prior_mix=0.25,
-        similarity_update=False, dynamic_addition=False, expand_after_visits=1,
-    )  # fmt: skip
-    ctx = make_context(lm, ScriptedEvaluator(judge), cfg)
-    tree = Tree()
-    scores = [iterate(ctx, tree).score for _ in range(4)]
+    lm, _, tree, scores = _four_iterations(expand_after_visits=1)
     assert scores == [-1.0, 1.0, 1.0, 1.0]
     assert _snapshot(lm, tree.root) == (
         "", 4.0, 0.5, (
