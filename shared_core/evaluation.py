@@ -307,7 +307,7 @@ class _SelfEvalSession(EvalSession):
                 f"of {backend.context_window}; shorten the prompt or use a rubric with fewer "
                 "examples"
             )
-        self._pinned: list[tuple[int, ...]] = []  # the requests', then the committed ones
+        self._pinned: list[tuple[int, ...]] = []  # one per order: request (+ committed)
         if reuse:
             try:
                 for request in self.requests:
@@ -327,12 +327,13 @@ class _SelfEvalSession(EvalSession):
         if not self.reuse:
             return
         # Pin the longer prefixes first so they are built from the shorter ones,
-        # then drop the older ones (the request pins stay for the whole request).
+        # then drop the older ones: every later response starts with this one, and
+        # each pin holds a full copy of the rubric's cached examples.
         orders = len(self.requests)
         for request in self.requests:
             self._pin(request + tuple(response_ids))
-        while len(self._pinned) > 2 * orders:
-            self.backend.unpin(self._pinned.pop(orders))
+        while len(self._pinned) > orders:
+            self.backend.unpin(self._pinned.pop(0))
 
     def close(self) -> None:
         while self._pinned:
