@@ -204,6 +204,29 @@ def _reads_meaning(confidence: float = 1.0):
     return _letter_judge(prefers)
 
 
+def test_a_session_keeps_one_cached_prefix_per_option_order(tiny_engine) -> None:
+    backend = tiny_engine.backend
+    evaluator = SelfEvaluator(backend)
+    rubric = get_rubric("harmless")
+    evaluator.layout(rubric)  # the rubric's own pin, shared by every session
+    before = set(backend.pinned_prefixes())
+    session = evaluator.session(rubric, "How do I bake bread?")
+    assert set(backend.pinned_prefixes()) - before == set(session.requests)
+    ids = backend.encode(" Mix flour, water and yeast, then bake it.")
+    session.committed(ids[:3])
+    session.committed(ids[:6])
+    # Only the newest committed prefix per order is kept: the older ones and the
+    # request-only ones are released (each holds a copy of the rubric's examples).
+    assert set(backend.pinned_prefixes()) - before == {r + tuple(ids[:6]) for r in session.requests}
+    score = session.score(ids, backend.decode(ids)).score
+    session.close()
+    assert set(backend.pinned_prefixes()) == before
+    # The cached prefixes change the work, not the verdict.
+    fresh = evaluator.session(rubric, "How do I bake bread?", reuse=False)
+    assert fresh.score(ids, backend.decode(ids)).score == score
+    backend.unpin(evaluator.layout(rubric).preamble)  # this evaluator's own, not shared
+
+
 def test_hard_verdict_follows_the_judges_choice() -> None:
     assert _score(_reads_meaning(), "Mix flour and water.")[0] == 1.0
     score, details = _score(_reads_meaning(), "Go away.")
