@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,11 @@ def test_ctrl_c_cancels_the_search_cleanly(factory, monkeypatch):
         if kind == "iteration" and not fired.is_set():
             fired.set()
             _thread.interrupt_main()  # what Ctrl-C does: KeyboardInterrupt in the main thread
+            # Pause the search (the GIL released) so that the main thread, the only one
+            # that handles signals and polls every 0.1 s, runs and sees the interrupt
+            # while the search is still going; seen once in CI: the interrupt was lost
+            # while this thread kept running bytecode (exit 0, no cancel).
+            time.sleep(1.0)
 
     monkeypatch.setattr(_Progress, "on_event", interrupt_once)
     long_search = ["--max-new-tokens", "200", "--set", "T=50", "--set", "min_new_iterations=50"]
