@@ -10,6 +10,8 @@ test can state what the search must do and check it exactly.
 - :class:`ScriptedEvaluator` scores a response by a function of its text.
 - :class:`ScriptedEmbedder` gives deterministic vectors (a character histogram
   by default, or a table).
+- :data:`TINY_SEARCH` is the cheapest search that still expands, self-evaluates
+  and commits, for tests that run a real model through an adapter.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "EOS",
     "FLOOR",
     "PROMPT_END",
+    "TINY_SEARCH",
     "VOCAB",
     "ScriptedEmbedder",
     "ScriptedEvaluator",
@@ -40,6 +43,18 @@ __all__ = [
     "choice_table",
     "make_context",
 ]
+
+TINY_SEARCH = {
+    "num_candidates": 2,
+    "T": 1,
+    "min_new_iterations": 1,
+    "T_m": 1,
+    "token_set_lengths": (4,),
+    "simulation_max_tokens": 4,
+    "similarity_update": False,
+    "dynamic_addition": False,
+}
+"""RainConfig settings of the cheapest search that still expands, judges and commits."""
 
 EOS = "<eos>"
 """The end-of-text token (id 0); the only stop token."""

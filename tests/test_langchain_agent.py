@@ -19,19 +19,9 @@ from langchain_core.messages import AIMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 
 from langchain_rain import ChatRain
+from tests.scripted import TINY_SEARCH
 
 pytestmark = pytest.mark.integration
-
-SEARCH = {
-    "num_candidates": 2,
-    "T": 1,
-    "min_new_iterations": 1,
-    "T_m": 1,
-    "token_set_lengths": (4,),
-    "simulation_max_tokens": 4,
-    "similarity_update": False,
-    "dynamic_addition": False,
-}
 
 
 @tool
@@ -54,7 +44,7 @@ def call_a_tool_first(
 
 
 def test_create_agent_calls_a_tool(default_engine: Any) -> None:
-    model = ChatRain(rain_config=SEARCH, max_tokens=24)
+    model = ChatRain(rain_config=TINY_SEARCH, max_tokens=24)
     agent = create_agent(model, tools=[get_weather], middleware=[call_a_tool_first])
     state = agent.invoke(
         {"messages": [("user", "What is the weather in Paris?")]},

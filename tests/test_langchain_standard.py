@@ -15,19 +15,7 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_rain import ChatRain
-
-# The cheapest search that still expands, self-evaluates and commits.
-TINY_SEARCH = {
-    "num_candidates": 2,
-    "T": 1,
-    "min_new_iterations": 1,
-    "T_m": 1,
-    "token_set_lengths": (4,),
-    "simulation_max_tokens": 4,
-    "similarity_update": False,
-    "dynamic_addition": False,
-}
-
+from tests.scripted import TINY_SEARCH
 
 # The integration suite makes ~60 model calls: one candidate per commit, no rollout.
 ONE_PATH_SEARCH = {
@@ -43,14 +31,12 @@ def _local_params(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in ("api_key", "max_retries")}
 
 
-class TestChatRainUnit(ChatModelUnitTests):
+class _ChatRainCapabilities:
+    """What both suites are told about ChatRain (mixed in before the suite's class)."""
+
     @property
     def chat_model_class(self) -> type[ChatRain]:
         return ChatRain
-
-    @property
-    def chat_model_params(self) -> dict[str, Any]:
-        return {"rain_config": TINY_SEARCH}
 
     @property
     def standard_chat_model_params(self) -> dict[str, Any]:
@@ -71,6 +57,12 @@ class TestChatRainUnit(ChatModelUnitTests):
     @property
     def returns_usage_metadata(self) -> bool:
         return True
+
+
+class TestChatRainUnit(_ChatRainCapabilities, ChatModelUnitTests):
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return {"rain_config": TINY_SEARCH}
 
 
 _SMALL_MODEL = "SmolLM2-135M-Instruct (135M parameters) cannot"
@@ -84,37 +76,13 @@ _RUNS_ON = pytest.mark.xfail(
 
 
 @pytest.mark.integration
-class TestChatRainIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatRain]:
-        return ChatRain
-
+class TestChatRainIntegration(_ChatRainCapabilities, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         # model=None: the embedded SmolLM2, shared with the rest of the test session.
         # The "positive" rubric judges the answer alone (not the prompt), the cheapest
         # self-evaluation; 12-token sets with one candidate: two commits per answer.
         return {"rain_config": ONE_PATH_SEARCH, "max_tokens": 24, "rubric": "positive"}
-
-    @property
-    def standard_chat_model_params(self) -> dict[str, Any]:
-        return _local_params(super().standard_chat_model_params)
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
 
     @property
     def supports_json_mode(self) -> bool:
