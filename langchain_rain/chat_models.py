@@ -51,7 +51,7 @@ from shared_core import (
     get_rubric,
     load_engine,
 )
-from shared_core.constraints import TokenConstraint
+from shared_core.models.protocol import Grammar
 from shared_core.rubric import Rubric
 from shared_core.tools import TextGate, ToolSet, format_call
 
@@ -160,7 +160,7 @@ class _CallPlan:
     rubric: Rubric
     config: RainConfig
     tools: ToolSet | None
-    constraint: TokenConstraint | None
+    grammar: Grammar | None
     include_trace: bool
 
 
@@ -409,13 +409,13 @@ class ChatRain(BaseChatModel):
             if value is not None:
                 overrides[name] = tuple(value) if name == "stop" else value
         cfg = cfg.merged(**overrides)
-        constraint = tools.constraint(engine.backend) if tools is not None else None
+        grammar = tools.grammar() if tools is not None else None
         return _CallPlan(
             messages=_to_engine_messages(messages, tools, _knows_tool_role(engine)),
             rubric=rubric,
             config=cfg,
             tools=tools,
-            constraint=constraint,
+            grammar=grammar,
             include_trace=include_trace,
         )
 
@@ -445,7 +445,7 @@ class ChatRain(BaseChatModel):
             config=plan.config,
             on_event=handle if on_event is not None else None,
             cancel=cancel,
-            constraint=plan.constraint,
+            grammar=plan.grammar,
         )
         gate = TextGate(plan.tools)
         try:

@@ -341,10 +341,10 @@ class RainLLM(FunctionCallingLLM):
         config = kwargs.pop("config", None)
         cfg = self._config if config is None else self._engine.resolve_config(config)
         cfg = cfg.merged(**kwargs) if kwargs else cfg
-        constraint = tools.constraint(self._engine.backend) if tools is not None else None
+        grammar = tools.grammar() if tools is not None else None
         cancel = threading.Event()
         stream = self._engine.stream(
-            messages, rubric=rubric, config=cfg, cancel=cancel, constraint=constraint
+            messages, rubric=rubric, config=cfg, cancel=cancel, grammar=grammar
         )
         return _Call(stream=stream, cancel=cancel, rubric=rubric, tools=tools)
 

@@ -5,12 +5,12 @@ against a preference (a rubric) with a self-evaluation prompt, rewinds bad
 branches and commits only what survives.
 """
 
-from shared_core.backend import Continuation, LanguageModel
 from shared_core.config import RainConfig, build_config
 from shared_core.embeddings import Embedder, SentenceEmbedder
 from shared_core.engine import RainEngine, RainResult, RainStream, load_engine
 from shared_core.errors import RainConfigError, RainError, RainInputError, RubricError
 from shared_core.evaluation import EvalSession, Evaluator, Judgement, SelfEvaluator
+from shared_core.models import Continuation, Grammar, LanguageModel, ScriptedLM
 from shared_core.rubric import PRESETS, Rubric, RubricExample, RubricOption, get_rubric
 from shared_core.search import Commit, RainCancelled, SearchStats
 
@@ -21,6 +21,7 @@ __all__ = [
     "Embedder",
     "EvalSession",
     "Evaluator",
+    "Grammar",
     "Judgement",
     "LanguageModel",
     "RainCancelled",
@@ -35,6 +36,7 @@ __all__ = [
     "RubricError",
     "RubricExample",
     "RubricOption",
+    "ScriptedLM",
     "SearchStats",
     "SelfEvaluator",
     "SentenceEmbedder",

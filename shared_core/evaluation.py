@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from shared_core.backend import LanguageModel
 from shared_core.errors import RainCancelled, RainInputError, RubricError
+from shared_core.models.protocol import LanguageModel
 from shared_core.rubric import Rubric, RubricExample, RubricOption
 
 __all__ = [
@@ -180,6 +180,11 @@ class _Layout:
     tails: tuple[tuple[int, ...], ...]  # after the response
     good_ids: tuple[frozenset[int], ...]  # per order: first tokens meaning "good"
     bad_ids: tuple[frozenset[int], ...]
+
+    @property
+    def label_ids(self) -> tuple[int, ...]:
+        """Every label token of every order: what the judge reads from the model."""
+        return tuple(sorted(set().union(*self.good_ids, *self.bad_ids)))
 
 
 def _label_tokens(backend: LanguageModel, label: str) -> frozenset[int]:
@@ -346,16 +351,21 @@ class _SelfEvalSession(EvalSession):
             # literally) so it cannot close its own block and speak as the judge.
             ids = tuple(self.backend.encode_literal(_defuse(response_text)))
         seqs = [r + ids + t for r, t in zip(self.requests, self.layout.tails, strict=True)]
-        logprobs = self.backend.next_token_logprobs(seqs, reuse=self.reuse)
-        return _judge(self.rubric, self.layout, logprobs)
+        labels = self.layout.label_ids
+        logprobs = self.backend.label_logprobs(seqs, labels, reuse=self.reuse, cancel=self.cancel)
+        return _judge(self.rubric, self.layout, labels, logprobs)
 
 
-def _judge(rubric: Rubric, layout: _Layout, logprobs: np.ndarray) -> Judgement:
-    probs = np.exp(logprobs.astype(np.float64))
+def _judge(
+    rubric: Rubric, layout: _Layout, labels: Sequence[int], logprobs: Sequence[Sequence[float]]
+) -> Judgement:
+    """The verdict from each order's label log-probs (``logprobs[order][label]``)."""
+    probs = np.exp(np.asarray(logprobs, dtype=np.float64))
+    column = {label: i for i, label in enumerate(labels)}
     votes, p_good, p_bad = [], [], []
     for row, good, bad in zip(probs, layout.good_ids, layout.bad_ids, strict=True):
-        pg = float(row[list(good)].sum())
-        pb = float(row[list(bad)].sum())
+        pg = float(sum(row[column[t]] for t in good))
+        pb = float(sum(row[column[t]] for t in bad))
         p_good.append(pg)
         p_bad.append(pb)
         if rubric.scoring == "soft":

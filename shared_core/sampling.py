@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sample_top_k", "top_k_indices"]
+__all__ = ["pick_top_k", "sample_top_k", "top_k_indices"]
 
 
 def top_k_indices(logprobs: np.ndarray, k: int) -> np.ndarray:
@@ -15,13 +15,22 @@ def top_k_indices(logprobs: np.ndarray, k: int) -> np.ndarray:
     return part[np.lexsort((part, -logprobs[part]))]
 
 
-def sample_top_k(logprobs: np.ndarray, k: int, temperature: float, rng: np.random.Generator) -> int:
-    """Sample one token from the top-k of a [vocab] row at ``temperature``."""
-    idx = top_k_indices(logprobs, k)
+def pick_top_k(logprobs: np.ndarray, k: int, temperature: float, u: float) -> int:
+    """The token at uniform draw ``u`` ∈ [0, 1) in the top-k of a [vocab] row at ``temperature``.
+
+    ``k`` ≤ 0 means the whole row. Taking the draw rather than a generator lets a
+    caller draw for every row of a batch, finished or not, so the random stream
+    does not depend on when rows finish.
+    """
+    idx = top_k_indices(logprobs, k if k > 0 else logprobs.shape[-1])
     scaled = logprobs[idx].astype(np.float64) / temperature
     scaled -= scaled.max()
     probs = np.exp(scaled)
     probs /= probs.sum()
-    u = rng.random()
     pos = int(np.searchsorted(np.cumsum(probs), u, side="right"))
     return int(idx[min(pos, len(idx) - 1)])
+
+
+def sample_top_k(logprobs: np.ndarray, k: int, temperature: float, rng: np.random.Generator) -> int:
+    """Sample one token from the top-k of a [vocab] row at ``temperature``."""
+    return pick_top_k(logprobs, k, temperature, float(rng.random()))

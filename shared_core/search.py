@@ -1,8 +1,9 @@
 """RAIN's search: select → expand → simulate → evaluate → back up → commit.
 
 Each step is a small function over the plain tree (``tree.py``); the model is
-reached only through :class:`~shared_core.backend.LanguageModel` and the judge
-only through :class:`~shared_core.evaluation.EvalSession`.
+reached only through the protocol of :class:`~shared_core.models.protocol.LanguageModel`
+(top tokens, sampled continuations) and the judge only through
+:class:`~shared_core.evaluation.EvalSession`.
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from shared_core.backend import LanguageModel
 from shared_core.config import RainConfig
-from shared_core.constraints import TokenConstraint
 from shared_core.embeddings import Embedder
-from shared_core.errors import RainCancelled, RainError
+from shared_core.errors import RainCancelled
 from shared_core.evaluation import EvalSession, Judgement
-from shared_core.sampling import sample_top_k, top_k_indices
+from shared_core.models.protocol import Grammar, LanguageModel, SampleRequest, TopTokensRequest
 from shared_core.tree import Node, Tree, path_tokens
 
 __all__ = [
@@ -127,11 +126,9 @@ class SearchContext:
     config: RainConfig
     prompt_ids: list[int]
     embedder: Embedder | None = None
-    delimiter_mask: np.ndarray | None = None
-    """[vocab] bool: the token's text contains a clause delimiter."""
     on_event: EventHandler | None = None
     cancel: threading.Event | None = None
-    constraint: TokenConstraint | None = None
+    grammar: Grammar | None = None
     """Restricts every token the search picks (e.g. to JSON of a schema)."""
     committed: list[int] = field(default_factory=list)
     stats: SearchStats = field(default_factory=SearchStats)
@@ -153,16 +150,9 @@ class SearchContext:
         if self.cancel is not None and self.cancel.is_set():
             raise RainCancelled("the RAIN search was cancelled by its caller")
 
-    def constrain(self, logprobs: np.ndarray, response_ids: list[int]) -> np.ndarray:
-        """``logprobs`` [vocab] with tokens the constraint forbids set to -inf."""
-        if self.constraint is None:
-            return logprobs
-        allowed = self.constraint.allowed(response_ids)
-        if allowed is None:
-            return logprobs
-        if not allowed.any():
-            raise RainError("the output constraint allows no next token; check its grammar")
-        return np.where(allowed[: len(logprobs)], logprobs, -np.inf).astype(np.float32)
+    def seed(self) -> int:
+        """A fresh seed for one model call, from the search's own generator."""
+        return int(self.rng.integers(0, 2**63 - 1))
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         if self.on_event is not None:
@@ -223,34 +213,6 @@ def select(tree: Tree, config: RainConfig) -> list[Node]:
 # --- 2. expand ----------------------------------------------------------------------------
 
 
-def _sampler(
-    ctx: SearchContext,
-    top_k: int,
-    temperature: float,
-    response: list[int],
-    greedy_rows: int = 0,
-) -> Any:
-    """A ``pick`` for :meth:`LanguageModel.extend`; ``response`` is the branch so far."""
-    rows: list[list[int]] = []
-
-    def pick(logprobs: np.ndarray, step: int, active: np.ndarray) -> np.ndarray:
-        ctx.check_cancel()
-        if not rows:
-            rows.extend([] for _ in range(logprobs.shape[0]))
-        out = np.empty(logprobs.shape[0], dtype=np.int64)
-        for i, row in enumerate(logprobs):
-            if active[i]:
-                row = ctx.constrain(row, response + rows[i])
-            # Draw for every row, greedy or finished too, so the random stream
-            # does not depend on how many rows are still running.
-            sampled = sample_top_k(row, top_k, temperature, ctx.rng)
-            out[i] = int(np.argmax(row)) if i < greedy_rows else sampled
-            rows[i].append(int(out[i]))
-        return out
-
-    return pick
-
-
 def _make_node(ctx: SearchContext, path: list[Node], tokens: list[int], logp: float) -> Node:
     stop_ids = ctx.backend.stop_token_ids
     node = Node(tuple(tokens), raw_prob=math.exp(logp))
@@ -272,28 +234,37 @@ def _candidate_sets(
 ) -> list[tuple[list[int], float, bool]]:
     """Distinct token sets after ``path``: (tokens, log-prob, is_greedy)."""
     ctx.check_cancel()  # before every model call: after a cancel no new one starts
-    response = ctx.committed + path_tokens(path)
-    prefix = ctx.prompt_ids + response
+    prefix = tuple(ctx.prompt_ids + ctx.committed + path_tokens(path))
+    start = len(ctx.prompt_ids)
     if length == 1:
         # One-token sets: the top-k tokens of the next-token distribution.
-        logprobs = ctx.backend.next_token_logprobs([prefix], reuse=ctx.reuse)[0]
-        logprobs = ctx.constrain(logprobs, response)
-        order = top_k_indices(logprobs, n + len(exclude))
+        request = TopTokensRequest(
+            prefix, n + len(exclude), grammar=ctx.grammar, response_start=start, reuse=ctx.reuse
+        )
+        (top,) = ctx.backend.top_tokens([request], cancel=ctx.cancel)
         out = []
-        for rank, tok in enumerate(order):
-            key = (int(tok),)
-            if key in exclude or not np.isfinite(logprobs[tok]):
+        for rank, (tok, logp) in enumerate(zip(top.token_ids, top.logprobs, strict=True)):
+            if (tok,) in exclude:
                 continue
-            out.append(([int(tok)], float(logprobs[tok]), greedy and rank == 0))
+            out.append(([tok], logp, greedy and rank == 0))
             if len(out) == n:
                 break
         return out
     # Longer sets: one greedy run plus samples from the top-k distribution.
     cfg = ctx.config
-    pick = _sampler(
-        ctx, cfg.expansion_top_k, cfg.expansion_temperature, response, 1 if greedy else 0
+    sample = SampleRequest(
+        prefix,
+        n,
+        length,
+        temperature=cfg.expansion_temperature,
+        top_k=cfg.expansion_top_k,
+        seed=ctx.seed(),
+        greedy_rows=1 if greedy else 0,
+        grammar=ctx.grammar,
+        response_start=start,
+        reuse=ctx.reuse,
     )
-    conts = ctx.backend.extend(prefix, n, length, pick, reuse=ctx.reuse)
+    (conts,) = ctx.backend.sample([sample], cancel=ctx.cancel)
     out, seen = [], set(exclude)
     for row, cont in enumerate(conts):
         tokens = tuple(cont.token_ids)
@@ -332,22 +303,32 @@ def simulate(ctx: SearchContext, path: list[Node]) -> list[int]:
     budget = min(cfg.simulation_max_tokens, ctx.room(path))
     if not cfg.simulate or leaf.terminal or budget <= 0:
         return []
-    mask = ctx.delimiter_mask
-    if mask is not None and tokens and mask[list(leaf.token_ids) or tokens[-1:]].any():
+    if tokens and _ends_clause(ctx, list(leaf.token_ids) or tokens[-1:]):
         # The clause under way ended inside this token set (or just before it):
         # the judge already sees a complete clause.
         return []
-
-    def clause_done(row: list[int]) -> bool:
-        return mask is not None and bool(mask[row[-1]])
-
     ctx.check_cancel()
     with ctx.timed("simulation"):
-        pick = _sampler(ctx, cfg.simulation_top_k, cfg.simulation_temperature, tokens)
-        cont = ctx.backend.extend(
-            ctx.prompt_ids + tokens, 1, budget, pick, clause_done, reuse=ctx.reuse
+        request = SampleRequest(
+            tuple(ctx.prompt_ids + tokens),
+            1,
+            budget,
+            temperature=cfg.simulation_temperature,
+            top_k=cfg.simulation_top_k,
+            seed=ctx.seed(),
+            stop_after=cfg.clause_delimiters,
+            grammar=ctx.grammar,
+            response_start=len(ctx.prompt_ids),
+            reuse=ctx.reuse,
         )
-    return cont[0].token_ids
+        ((cont,),) = ctx.backend.sample([request], cancel=ctx.cancel)
+    return cont.token_ids
+
+
+def _ends_clause(ctx: SearchContext, tokens: list[int]) -> bool:
+    """Whether one of ``tokens``, read alone, contains a clause delimiter."""
+    delimiters = ctx.config.clause_delimiters
+    return any(d in ctx.backend.decode([t]) for t in tokens for d in delimiters)
 
 
 def _response(ctx: SearchContext, tokens: list[int]) -> list[int]:

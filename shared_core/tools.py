@@ -6,8 +6,8 @@ frameworks' types.
 
 Tools are described in the system prompt; the model answers a call as
 ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``. When a call is
-required the whole answer is the bare JSON object, constrained by
-:class:`~shared_core.constraints.JSONSchemaConstraint` (:meth:`ToolSet.constraint`).
+required the whole answer is the bare JSON object, constrained by the
+output grammar of :meth:`ToolSet.grammar` (a JSON schema; the model backend applies it).
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared_core.backend import LanguageModel
-from shared_core.constraints import JSONSchemaConstraint
-from shared_core.errors import RainInputError
+from shared_core.models.protocol import Grammar
 
 __all__ = [
     "CALL_CLOSE",
@@ -137,22 +135,11 @@ class ToolSet:
         ]
         return options[0] if len(options) == 1 else {"anyOf": options}
 
-    def constraint(self, backend: LanguageModel) -> JSONSchemaConstraint | None:
+    def grammar(self) -> Grammar | None:
         """The grammar that keeps a required call valid; ``None`` when no call is required."""
         if self.required is None:
             return None
-        tokenizer = getattr(backend, "tokenizer", None)
-        if tokenizer is None:
-            raise RainInputError(
-                "a required tool call needs constrained decoding, which needs a "
-                "transformers backend (its tokenizer); this engine's backend has none"
-            )
-        return JSONSchemaConstraint(
-            self.call_schema(),
-            tokenizer,
-            vocab_size=backend.vocab_size,
-            stop_token_ids=sorted(backend.stop_token_ids),
-        )
+        return Grammar.from_schema(self.call_schema())
 
     def visible(self, text: str, final: bool) -> str:
         """The part of the answer shown as text: none of a call, nor a half-written tag.

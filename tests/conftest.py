@@ -16,7 +16,7 @@ def smol_tokenizer():
     """SmolLM2's real tokenizer (with its chat template), read from the bundled GGUF."""
     from transformers import AutoTokenizer
 
-    from shared_core.hf_backend import default_gguf_path
+    from shared_core.models.hf import default_gguf_path
 
     path = default_gguf_path()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

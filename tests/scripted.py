@@ -3,10 +3,10 @@
 In the style of mctx's bandit tests: every answer is known in advance, so a
 test can state what the search must do and check it exactly.
 
-- :class:`ScriptedLM` is a character-level language model over a tiny vocab.
-  Its next-token distribution is a plain function of the text so far; the
-  usual one (:func:`choice_table`) puts weights on a few complete answers, so
-  "the model prefers 'bad.' 70/30 over 'good.'" is one line of test set-up.
+- :class:`ScriptedLM` (from :mod:`shared_core.models.scripted`, re-exported here)
+  is a character-level language model over a tiny vocab implementing the model
+  protocol. Its next-token distribution is a plain function of the text so far;
+  the usual one (:func:`choice_table`) puts weights on a few complete answers.
 - :class:`ScriptedEvaluator` scores a response by a function of its text.
 - :class:`ScriptedEmbedder` gives deterministic vectors (a character histogram
   by default, or a table).
@@ -17,16 +17,23 @@ test can state what the search must do and check it exactly.
 from __future__ import annotations
 
 import math
-import string
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from shared_core.backend import LanguageModel, Message
 from shared_core.config import RainConfig
 from shared_core.embeddings import Embedder
 from shared_core.evaluation import EvalSession, Evaluator, Judgement
+from shared_core.models.scripted import (
+    EOS,
+    FLOOR,
+    PROMPT_END,
+    VOCAB,
+    NextFn,
+    ScriptedLM,
+    choice_table,
+)
 from shared_core.rubric import Rubric, get_rubric
 from shared_core.search import SearchContext
 
@@ -36,6 +43,7 @@ __all__ = [
     "PROMPT_END",
     "TINY_SEARCH",
     "VOCAB",
+    "NextFn",
     "ScriptedEmbedder",
     "ScriptedEvaluator",
     "ScriptedLM",
@@ -55,107 +63,6 @@ TINY_SEARCH = {
     "dynamic_addition": False,
 }
 """RainConfig settings of the cheapest search that still expands, judges and commits."""
-
-EOS = "<eos>"
-"""The end-of-text token (id 0); the only stop token."""
-PROMPT_END = ">"
-"""``render_chat`` ends the prompt with this character; the answer follows it."""
-VOCAB: tuple[str, ...] = (
-    EOS,
-    *(string.ascii_letters + string.digits + string.punctuation + " \n"),
-    *(" " + ch for ch in string.ascii_letters),
-)
-"""Token id i is VOCAB[i]: one character per token, EOS first, plus a space fused
-with the letter after it (" A", " yes" starts with " y"), as real BPE vocabularies do,
-so that "A" and " A" are different tokens."""
-FLOOR = 1e-6
-"""Probability every token keeps, so log-probs stay finite and top-k is well defined."""
-
-
-def _first_token(text: str) -> str:
-    """The token the scripted tokenizer reads first from ``text``."""
-    if len(text) >= 2 and text[0] == " " and text[1] in string.ascii_letters:
-        return text[:2]
-    return text[0]
-
-
-NextFn = Callable[[str], Mapping[str, float]]
-"""``next_fn(context_text) -> {token_text: weight}`` (renormalised; EOS by name)."""
-
-
-def choice_table(answers: Mapping[str, float], *, after: str = PROMPT_END) -> NextFn:
-    """A model that writes one of ``answers`` (weights) after the last ``after``.
-
-    The next character is drawn in proportion to the weights of the answers
-    that agree with the text written so far; a finished answer is followed by
-    EOS, and text that matches no answer is followed by EOS too.
-    """
-
-    def next_fn(context: str) -> Mapping[str, float]:
-        written = context.rsplit(after, 1)[-1]
-        dist: dict[str, float] = {}
-        for answer, weight in answers.items():
-            if not answer.startswith(written):
-                continue
-            nxt = _first_token(answer[len(written) :]) if len(answer) > len(written) else EOS
-            dist[nxt] = dist.get(nxt, 0.0) + weight
-        return dist or {EOS: 1.0}
-
-    return next_fn
-
-
-class ScriptedLM(LanguageModel):
-    """A character-level language model whose next-token distribution is scripted.
-
-    ``calls`` records every batch it was asked for, so tests can count work.
-    """
-
-    def __init__(
-        self, next_fn: NextFn, *, context_window: int = 4096, name: str = "scripted-lm"
-    ) -> None:
-        super().__init__()
-        self.next_fn = next_fn
-        self.name = name
-        self.context_window = context_window
-        self.vocab_size = len(VOCAB)
-        self.stop_token_ids = frozenset({0})
-        self._index = {tok: i for i, tok in enumerate(VOCAB)}
-        self.calls: list[list[list[int]]] = []
-
-    def encode(self, text: str) -> list[int]:
-        unknown = sorted({ch for ch in text if ch not in self._index})
-        if unknown:
-            raise ValueError(f"ScriptedLM cannot encode {unknown!r}")
-        ids, i = [], 0
-        while i < len(text):
-            tok = _first_token(text[i:])
-            ids.append(self._index[tok])
-            i += len(tok)
-        return ids
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return "".join(VOCAB[t] for t in token_ids if t != 0)
-
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        text = "".join(f"[{m['role']}]{m['content']}\n" for m in messages)
-        return text + PROMPT_END if add_generation_prompt else text
-
-    def distribution(self, token_ids: Sequence[int]) -> np.ndarray:
-        """The scripted next-token probabilities after ``token_ids``: ``[vocab]``."""
-        weights = self.next_fn(self.decode(token_ids))
-        probs = np.full(self.vocab_size, FLOOR, dtype=np.float64)
-        total = sum(weights.values())
-        for tok, w in weights.items():
-            probs[self._index[tok]] += (1.0 - FLOOR * self.vocab_size) * w / total
-        return probs / probs.sum()
-
-    def next_token_logprobs(
-        self, sequences: Sequence[Sequence[int]], *, reuse: bool = True
-    ) -> np.ndarray:
-        self.calls.append([list(s) for s in sequences])
-        self.work.forward_calls += 1
-        self.work.tokens_processed += sum(len(s) for s in sequences)
-        return np.log(np.stack([self.distribution(s) for s in sequences])).astype(np.float32)
 
 
 class ScriptedSession(EvalSession):
@@ -237,7 +144,6 @@ def make_context(
     embedder: Embedder | None = None,
 ) -> SearchContext:
     """A search context over the scripted model, as the engine would build it."""
-    mask = np.array([any(d in t for d in config.clause_delimiters) for t in lm.token_texts()])
     prompt_ids = lm.encode(lm.render_chat([{"role": "user", "content": prompt}]))
     return SearchContext(
         backend=lm,
@@ -245,5 +151,4 @@ def make_context(
         config=config,
         prompt_ids=prompt_ids,
         embedder=embedder,
-        delimiter_mask=mask,
     )

@@ -6,11 +6,15 @@ tokenizer and chat template), so every transformers code path is exercised.
 
 from __future__ import annotations
 
+import threading
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from shared_core import RainError, RainInputError
-from shared_core.hf_backend import TransformersBackend
+from shared_core import RainCancelled, RainError, RainInputError
+from shared_core.models.hf import TransformersBackend
+from shared_core.models.protocol import Continuation, Grammar, SampleRequest, TopTokensRequest
 from tests.scripted import EOS, VOCAB, ScriptedLM, choice_table
 
 
@@ -147,25 +151,104 @@ def test_pins_are_reference_counted(backend) -> None:
     backend.unpin(ids)  # unpinning what is not pinned is harmless
 
 
-def _pick_ranked(logprobs: np.ndarray, step: int, *active: np.ndarray) -> np.ndarray:
-    # Row i takes its (i+1)-th most likely token: rows diverge, all deterministic.
-    order = np.argsort(-logprobs, axis=1, kind="stable")
-    return np.array([order[i, min(i, order.shape[1] - 1)] for i in range(len(logprobs))])
+def _chat_prefix(backend: TransformersBackend) -> tuple[int, ...]:
+    return tuple(backend.encode(backend.render_chat([{"role": "user", "content": "Say hi."}])))
 
 
-def test_batched_extend_matches_the_stateless_loop(backend) -> None:
-    prefix = backend.encode(backend.render_chat([{"role": "user", "content": "Say hi."}]))
-
-    def done(row: list[int]) -> bool:
-        # Rows start with different tokens, so they finish at different steps.
-        return len(row) >= 2 + row[0] % 4
-
-    fast = backend.extend(prefix, 3, 6, _pick_ranked, done, reuse=True)
-    slow = backend.extend(prefix, 3, 6, _pick_ranked, done, reuse=False)
+def test_batched_sampling_matches_the_stateless_loop(backend) -> None:
+    prefix = _chat_prefix(backend)
+    # Rows stop at different clause ends, so finished rows leave the batch early.
+    request = SampleRequest(
+        prefix, 4, 8, top_k=50, seed=3, greedy_rows=1, stop_after=(",", ".", " a")
+    )
+    (fast,) = backend.sample([request])
+    (slow,) = backend.sample([replace(request, reuse=False)])
     assert [c.token_ids for c in fast] == [c.token_ids for c in slow]
     assert len({len(c.token_ids) for c in fast}) > 1  # finished rows left the batch
     for f, s in zip(fast, slow, strict=True):
         np.testing.assert_allclose(f.logprobs, s.logprobs, atol=1e-4)
+    # Same request, same seed: same rows; another seed: other rows.
+    assert [c.token_ids for c in backend.sample([request])[0]] == [c.token_ids for c in fast]
+    other = backend.sample([replace(request, seed=4)])[0]
+    assert [c.token_ids for c in other] != [c.token_ids for c in fast]
+
+
+def test_greedy_rows_and_temperature_zero_take_the_argmax(backend) -> None:
+    prefix = _chat_prefix(backend)
+    ((greedy,),) = backend.sample([SampleRequest(prefix, 1, 5, temperature=0.0)])
+    steps = [list(prefix)]
+    for tok in greedy.token_ids[:-1]:
+        steps.append(steps[-1] + [tok])
+    expected = [int(row.argmax()) for row in backend.next_token_logprobs(steps, reuse=False)]
+    assert greedy.token_ids == expected
+    rows = backend.sample([SampleRequest(prefix, 3, 5, seed=9, greedy_rows=1)])[0]
+    assert rows[0].token_ids == greedy.token_ids
+
+
+def test_top_tokens_are_the_best_of_the_next_token_distribution(backend) -> None:
+    prefix = _chat_prefix(backend)
+    (top,) = backend.top_tokens([TopTokensRequest(prefix, 5)])
+    row = backend.next_token_logprobs([prefix], reuse=False)[0]
+    assert list(top.token_ids) == [int(t) for t in np.argsort(-row, kind="stable")[:5]]
+    np.testing.assert_allclose(top.logprobs, row[list(top.token_ids)], atol=1e-4)
+
+
+def test_label_logprobs_read_the_given_tokens(backend) -> None:
+    prompts = [backend.encode(TEXT), backend.encode(TEXT + " Then")]
+    labels = backend.encode(" A B yes")
+    got = backend.label_logprobs(prompts, labels)
+    rows = backend.next_token_logprobs(prompts, reuse=False)
+    np.testing.assert_allclose(got, rows[:, labels], atol=1e-4)
+
+
+def test_a_stop_string_ends_a_row_at_the_token_that_completes_it(backend) -> None:
+    prefix = _chat_prefix(backend)
+    ((free,),) = backend.sample([SampleRequest(prefix, 1, 8, temperature=0.0)])
+    text = backend.decode(free.token_ids)
+    stop = text[2:4]
+    assert stop and stop in text
+    ((cut,),) = backend.sample([SampleRequest(prefix, 1, 8, temperature=0.0, stop_strings=(stop,))])
+    assert stop in backend.decode(cut.token_ids)
+    assert stop not in backend.decode(cut.token_ids[:-1])
+    assert cut.token_ids == free.token_ids[: len(cut.token_ids)]
+
+
+def test_a_grammar_keeps_every_row_inside_the_schema(backend) -> None:
+    import json
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    grammar = Grammar.from_schema(schema)
+    prefix = _chat_prefix(backend)
+    rows = backend.sample(
+        [SampleRequest(prefix, 2, 12, seed=1, grammar=grammar, response_start=len(prefix))]
+    )[0]
+    for row in rows:
+        text = backend.decode(row.token_ids)
+        assert '{"ok":'.startswith(text[:6]) or text.startswith('{"ok":'), text
+    (top,) = backend.top_tokens(
+        [TopTokensRequest(prefix, 3, grammar=grammar, response_start=len(prefix))]
+    )
+    assert all(
+        backend.decode([t]) and "{".startswith(backend.decode([t])[:1]) for t in top.token_ids
+    )
+    full = backend.sample(
+        [SampleRequest(prefix, 1, 30, temperature=0.0, grammar=grammar, response_start=len(prefix))]
+    )[0][0]
+    assert json.loads(backend.decode(full.token_ids)).keys() == {"ok"}
+
+
+def test_a_set_cancel_starts_no_model_work(backend) -> None:
+    cancel = threading.Event()
+    cancel.set()
+    calls = backend.work.forward_calls
+    prefix = _chat_prefix(backend)
+    with pytest.raises(RainCancelled):
+        backend.sample([SampleRequest(prefix, 2, 4)], cancel=cancel)
+    with pytest.raises(RainCancelled):
+        backend.top_tokens([TopTokensRequest(prefix, 2)], cancel=cancel)
+    with pytest.raises(RainCancelled):
+        backend.label_logprobs([prefix], [1, 2], cancel=cancel)
+    assert backend.work.forward_calls == calls
 
 
 def test_bad_sequences_are_clear_errors(backend) -> None:
@@ -175,23 +258,28 @@ def test_bad_sequences_are_clear_errors(backend) -> None:
     with pytest.raises(RainInputError, match="context window"):
         backend.next_token_logprobs([too_long])
     with pytest.raises(RainInputError, match="context window"):
-        backend.extend(backend.encode(TEXT), 1, backend.context_window, _pick_ranked)
+        backend.sample([SampleRequest(tuple(backend.encode(TEXT)), 1, backend.context_window)])
 
 
 # --- the shared decode loop, on the scripted model -----------------------------------------
 
 
-def test_decode_loop_stops_on_stop_token_is_done_and_length() -> None:
-    lm = ScriptedLM(choice_table({"ab": 1.0}))
-    prefix = lm.encode(">")
+def test_decode_loop_stops_on_stop_token_clause_end_and_length() -> None:
+    lm = ScriptedLM(choice_table({"ab, c": 1.0}))
+    prefix = tuple(lm.encode(">"))
 
-    def greedy(logprobs: np.ndarray, step: int, *active: np.ndarray) -> np.ndarray:
-        return np.argmax(logprobs, axis=1)
+    def greedy(limit: int, **kw: object) -> Continuation:
+        ((cont,),) = lm.sample([SampleRequest(prefix, 1, limit, temperature=0.0, **kw)])  # type: ignore[arg-type]
+        return cont
 
-    (cont,) = lm.extend(prefix, 1, 10, greedy)
-    assert lm.decode(cont.token_ids) == "ab" and VOCAB[cont.token_ids[-1]] == EOS
+    cont = greedy(10)
+    assert lm.decode(cont.token_ids) == "ab, c" and VOCAB[cont.token_ids[-1]] == EOS
     np.testing.assert_allclose(np.exp(cont.logprobs), 1 - 1e-6 * (len(VOCAB) - 1), rtol=1e-5)
-    (cont,) = lm.extend(prefix, 1, 1, greedy)
-    assert lm.decode(cont.token_ids) == "a"
-    (cont,) = lm.extend(prefix, 1, 10, greedy, lambda row: VOCAB[row[-1]] == "a")
-    assert lm.decode(cont.token_ids) == "a"
+    assert lm.decode(greedy(1).token_ids) == "a"
+    assert lm.decode(greedy(10, stop_after=(",",)).token_ids) == "ab,"
+    assert lm.decode(greedy(10, stop_strings=("b,",)).token_ids) == "ab,"
+    # Sampling: a fixed seed gives fixed rows; a low-probability branch appears with top_k.
+    lm = ScriptedLM(choice_table({"x.": 0.5, "y.": 0.5}))
+    rows = lm.sample([SampleRequest(prefix, 6, 2, seed=1)])[0]
+    assert rows == lm.sample([SampleRequest(prefix, 6, 2, seed=1)])[0]
+    assert {lm.decode(r.token_ids) for r in rows} == {"x.", "y."}

@@ -12,6 +12,7 @@ letter-copying judge stands in where a verdict is needed.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,14 @@ import numpy as np
 import pytest
 
 from shared_core import SelfEvaluator, get_rubric
-from shared_core.backend import LanguageModel, Message
+from shared_core.models.protocol import (
+    Continuation,
+    LanguageModel,
+    Message,
+    SampleRequest,
+    TopTokens,
+    TopTokensRequest,
+)
 from shared_core.rubric import PRESETS
 
 _CLOSE_RE = re.compile(r"<\s*/\s*response\s*>", re.IGNORECASE)
@@ -75,11 +83,26 @@ class _Recording(LanguageModel):
     def unpin(self, token_ids: Sequence[int]) -> None:
         self.inner.unpin(token_ids)
 
-    def next_token_logprobs(
-        self, sequences: Sequence[Sequence[int]], *, reuse: bool = True
-    ) -> np.ndarray:
-        self.sent.extend(list(s) for s in sequences)
-        return np.asarray(self.inner.next_token_logprobs(sequences, reuse=reuse))
+    def top_tokens(
+        self, requests: Sequence[TopTokensRequest], *, cancel: threading.Event | None = None
+    ) -> list[TopTokens]:
+        return list(self.inner.top_tokens(requests, cancel=cancel))
+
+    def sample(
+        self, requests: Sequence[SampleRequest], *, cancel: threading.Event | None = None
+    ) -> list[list[Continuation]]:
+        return list(self.inner.sample(requests, cancel=cancel))
+
+    def label_logprobs(
+        self,
+        prompts: Sequence[Sequence[int]],
+        label_ids: Sequence[int],
+        *,
+        reuse: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> list[list[float]]:
+        self.sent.extend(list(p) for p in prompts)
+        return list(self.inner.label_logprobs(prompts, label_ids, reuse=reuse, cancel=cancel))
 
 
 class _LetterCopyingJudge(_Recording):
@@ -90,11 +113,16 @@ class _LetterCopyingJudge(_Recording):
     verdict, on "B" if it mentions "B" -- the worst case of a judge that copies.
     """
 
-    def next_token_logprobs(
-        self, sequences: Sequence[Sequence[int]], *, reuse: bool = True
-    ) -> np.ndarray:
+    def label_logprobs(
+        self,
+        prompts: Sequence[Sequence[int]],
+        label_ids: Sequence[int],
+        *,
+        reuse: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> list[list[float]]:
         rows = []
-        for seq in sequences:
+        for seq in prompts:
             self.sent.append(list(seq))
             text = self.inner.tokenizer.decode(list(seq))
             block = text[text.rfind(_OPEN) :]
@@ -104,8 +132,8 @@ class _LetterCopyingJudge(_Recording):
             row = np.full(self.vocab_size, -30.0, dtype=np.float32)
             for text_variant in (letter, " " + letter, word, " " + word):
                 row[self.encode(text_variant)[0]] = -0.1
-            rows.append(row)
-        return np.stack(rows)
+            rows.append([float(row[i]) for i in label_ids])
+        return rows
 
 
 def _candidate_block(text: str) -> tuple[str, str]:

@@ -191,13 +191,13 @@ class _CancelProbe:
 
     At pass ``at`` the search blocks until :meth:`release`, so the caller can
     cancel while that pass is in progress. Afterwards ``calls_after`` counts the
-    model calls (``next_token_logprobs``, ``extend``, ``pin``) that *started*
+    model calls (``top_tokens``, ``sample``, ``label_logprobs``, ``pin``) that *started*
     once ``cancelled()`` was true -- the promise is none -- and ``passes_after``
     the raw forward passes (at most the second pass of the call in progress:
     a call may run a shared prefix, then the tails).
     """
 
-    _CALLS = ("next_token_logprobs", "extend", "pin")
+    _CALLS = ("top_tokens", "sample", "label_logprobs", "pin")
 
     def __init__(self, engine: RainEngine, at: int, cancelled: Any) -> None:
         self.backend: Any = engine.backend
@@ -258,7 +258,7 @@ def test_cancel_from_another_thread_stops_within_one_forward_pass(
     lengths: tuple[int, ...],
     no_leak: None,
 ) -> None:
-    # Token sets of 2 are sampled runs (extend); of 1, the top-k of one call.
+    # Token sets of 2 are sampled runs (sample); of 1, the top-k of one call (top_tokens).
     cancel = threading.Event()
     probe = _CancelProbe(engine, at, cancel.is_set)
 
@@ -529,7 +529,7 @@ def test_bad_rubric_gets_a_rubric_error(engine: RainEngine, case: str, no_leak: 
 def test_model_without_chat_template_uses_a_plain_transcript(
     smol_tokenizer: Any, engine: RainEngine
 ) -> None:
-    from shared_core.hf_backend import TransformersBackend
+    from shared_core.models.hf import TransformersBackend
 
     plain_tok = copy.deepcopy(smol_tokenizer)
     plain_tok.chat_template = None

@@ -8,7 +8,7 @@ import pytest
 
 from shared_core import PRESETS, RainEngine, Rubric, RubricError, get_rubric
 from shared_core.evaluation import SelfEvaluator, build_layout, render_judge_prompt
-from shared_core.hf_backend import TransformersBackend
+from shared_core.models.hf import TransformersBackend
 from tests.scripted import ScriptedEvaluator, ScriptedLM
 
 # --- presets and plain data --------------------------------------------------------------

