@@ -13,17 +13,18 @@ from langchain_core.messages import InvalidToolCall, ToolCall
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from shared_core.errors import RainInputError
-from shared_core.tools import ToolSet, choice_name, function_spec
+from shared_core.tools import ToolSet, function_spec, tool_set
 
 __all__ = ["parse_tool_calls", "resolve_tools"]
 
 
 def resolve_tools(tools: Sequence[Any] | None, tool_choice: Any) -> ToolSet | None:
-    """Normalise ``tools`` and ``tool_choice`` (LangChain/OpenAI forms) into a ToolSet."""
-    if not tools or tool_choice == "none" or tool_choice is False:
-        return None
+    """LangChain tools (any form ``bind_tools`` takes) and ``tool_choice`` as a ToolSet.
+
+    The choice is read by :func:`shared_core.tools.tool_set`, as RainLLM reads it.
+    """
     specs: list[dict[str, Any]] = []
-    for tool in tools:
+    for tool in tools or ():
         try:
             fn = convert_to_openai_tool(tool)["function"]
         except Exception as exc:
@@ -32,22 +33,7 @@ def resolve_tools(tools: Sequence[Any] | None, tool_choice: Any) -> ToolSet | No
                 "a pydantic class, a TypedDict or an OpenAI tool dict"
             ) from exc
         specs.append(function_spec(fn))
-    names = [s["name"] for s in specs]
-    required: list[str] | None
-    if tool_choice in (None, "auto"):
-        required = None
-    elif tool_choice in ("any", "required", True):
-        required = names
-    else:
-        name = choice_name(tool_choice)
-        if not isinstance(name, str) or name not in names:
-            raise RainInputError(
-                f"tool_choice {tool_choice!r} names no bound tool; use 'auto', 'any', "
-                f"'none' or one of {names}"
-            )
-        required = [name]
-    # Small models often answer a call as bare JSON, without the tags.
-    return ToolSet(specs=specs, required=required, bare_calls=True)
+    return tool_set(specs, tool_choice)
 
 
 def parse_tool_calls(

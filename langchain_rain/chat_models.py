@@ -3,19 +3,21 @@
 The adapter is thin: it translates LangChain messages, options, tools and
 callbacks, and hands the search to :class:`shared_core.RainEngine`. One private
 iterator (:meth:`ChatRain._iter_items`) feeds ``_stream``, ``_generate`` and
-their async twins, which run it in a worker thread.
+their async twins, which run it in a worker thread (:mod:`shared_core.bridge`).
+Settings combine as :mod:`shared_core.settings` says; tool choices are read by
+:func:`shared_core.tools.tool_set`, as in the LlamaIndex adapter.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from operator import itemgetter
+from typing import Any, Literal
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
@@ -35,11 +37,25 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.output_parsers import (
+    JsonOutputKeyToolsParser,
+    JsonOutputParser,
+    PydanticOutputParser,
+    PydanticToolsParser,
+)
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langchain_core.runnables import (
+    Runnable,
+    RunnableConfig,
+    RunnableMap,
+    RunnablePassthrough,
+    ensure_config,
+)
 from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from langchain_core.utils.uuid import uuid7
-from pydantic import ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
 from langchain_rain._tools import parse_tool_calls, resolve_tools
 from shared_core import (
@@ -47,25 +63,43 @@ from shared_core import (
     RainEngine,
     RainInputError,
     RainResult,
-    build_config,
     get_rubric,
-    load_engine,
 )
+from shared_core.bridge import Emit, stream_in_thread
 from shared_core.models.protocol import Grammar
 from shared_core.rubric import Rubric
+from shared_core.settings import (
+    LANGCHAIN,
+    EngineSource,
+    resolve,
+    unknown_keyword,
+    unknown_option,
+)
 from shared_core.tools import TextGate, ToolSet, format_call
 
 __all__ = ["ChatRain"]
 
 _DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_PROVIDER = "rain"
 _RAIN_FIELDS = frozenset(RainConfig.model_fields)
-# LangChain names mapped onto RainConfig fields.
-_LC_TO_RAIN = {"max_tokens": "max_new_tokens", "timeout": "max_time_s"}
-_CONFIGURABLE_KEYS = frozenset(
-    {"rubric", "rain_config", "include_trace", *_LC_TO_RAIN, *_RAIN_FIELDS}
+# Per-call options ChatRain handles itself (the rest are settings: shared_core.settings).
+_CALL_OPTIONS = (
+    "include_trace",
+    "model",
+    "gguf_file",
+    "response_format",
+    "stop",
+    "tool_choice",
+    "tools",
 )
+_CONFIGURABLE_KEYS = frozenset({"include_trace", *LANGCHAIN.accepted()})
+# The call keyword that carries the configurable's RAIN options from our entry points to
+# ``_plan``, kept apart from the call keywords: a call keyword beats the run config.
+_CONFIGURABLE = "rain_configurable"
 # Call keywords LangChain itself adds (tracing/structured output); not RAIN's business.
-_LC_INTERNAL = frozenset({"ls_structured_output_format", "stream"})
+_LC_INTERNAL = frozenset({"ls_structured_output_format", "stream", _CONFIGURABLE})
+# Constructor arguments that are no field: a loaded model's tokenizer.
+_INIT_ONLY = ("tokenizer",)
 _EVENT_NAMES = {"commit": "rain_commit", "rewind": "rain_rewind"}
 # The config (with its run id) of the model call in progress, for custom events.
 _RUN: ContextVar[RunnableConfig | None] = ContextVar("chat_rain_run", default=None)
@@ -145,6 +179,16 @@ def _from_configurable(config: RunnableConfig) -> dict[str, Any]:
     return {k: v for k, v in configurable.items() if k in _CONFIGURABLE_KEYS}
 
 
+def _with_configurable(kwargs: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+    """The call keywords, with the configurable's RAIN options as one keyword of their own
+    (``_plan`` ranks them below the call keywords; LangChain forwards it to ``_generate``)."""
+    found = _from_configurable(config)
+    if not found:
+        return kwargs
+    # An inner entry point (a bound model inside a chain) sees the same run config.
+    return {**kwargs, _CONFIGURABLE: {**kwargs.get(_CONFIGURABLE, {}), **found}}
+
+
 # --- one call --------------------------------------------------------------------------
 @dataclass
 class _Event:
@@ -156,6 +200,7 @@ class _Event:
 
 @dataclass
 class _CallPlan:
+    engine: RainEngine
     messages: list[dict[str, str]]
     rubric: Rubric
     config: RainConfig
@@ -167,28 +212,54 @@ class _CallPlan:
 _TextGate = TextGate  # the gate's name in tests/test_langchain_chat.py
 
 
+def _source(model: Any, tokenizer: Any, fields: Mapping[str, Any]) -> EngineSource:
+    """Where the engine comes from, read from the constructor's arguments or the fields."""
+    key = fields.get("api_key")
+    return EngineSource(
+        owner="ChatRain",
+        model=model,
+        tokenizer=tokenizer,
+        gguf_file=fields.get("gguf_file"),
+        engine=fields.get("engine"),
+        base_url=fields.get("base_url"),
+        api_key=key.get_secret_value() if isinstance(key, SecretStr) else key,
+        dialect=fields.get("dialect"),
+    )
+
+
 class ChatRain(BaseChatModel):
     """A chat model that answers with RAIN: a frozen LLM aligned by self-evaluated search.
 
-    Build it from a model id or path (``ChatRain(model="path")``), an existing
-    engine (``ChatRain(engine=...)``), a loaded transformers model and tokenizer
-    (:meth:`from_transformers`) or the embedded SmolLM2 (:meth:`from_default`).
-    Weights load on first use, once per process and model.
+    Build it the ways a RainEngine or RainLLM is built: a model id or path
+    (``ChatRain(model="org/model")``, ``gguf_file=`` for GGUF weights), a loaded
+    transformers model and its tokenizer (``ChatRain(model=hf_model, tokenizer=tok)``
+    or :meth:`from_transformers`), an existing ``engine=``, a served model
+    (``base_url=``, ``model=`` its served name, ``api_key=``, ``dialect=``), or the
+    embedded SmolLM2 (``ChatRain()``, :meth:`from_default`). Weights load on first use,
+    once per process and model. An unknown keyword is refused with the accepted names.
 
-    Choose the rubric (and any RainConfig setting) per call with
-    ``config={"configurable": {"rubric": "positive", "T": 8}}``, a call keyword
-    (``invoke(msgs, rubric=...)``), ``.bind(rubric=...)``, or as the default
-    ``ChatRain(rubric=...)``. Per-call ``configurable`` wins over keywords.
+    Choose the rubric (and any RainConfig setting) per call with a call keyword
+    (``invoke(msgs, rubric=...)``, ``.bind(rubric=...)``), with
+    ``config={"configurable": {"rubric": "positive", "T": 8}}``, or as the default
+    ``ChatRain(rubric=...)``; a call keyword beats the run config, which beats the
+    instance's fields (:mod:`shared_core.settings`).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     model: str | None = None
-    """Model id or local path; ``None``: the embedded SmolLM2-135M-Instruct."""
+    """Model id or local path (or a served model's name); ``None``: the embedded
+    SmolLM2-135M-Instruct. A loaded model object goes in with ``tokenizer=``."""
     gguf_file: str | None = None
     """GGUF file inside ``model`` to load, if the weights come as GGUF."""
     engine: RainEngine | None = Field(default=None, exclude=True)
     """An existing engine to use instead of loading ``model``."""
+    base_url: str | None = None
+    """Address of a server that serves ``model`` (vLLM, SGLang, llama.cpp)."""
+    api_key: SecretStr | None = None
+    """The served model's API key, if the server wants one."""
+    dialect: str | None = None
+    """The server's kind, if it cannot be told from the server itself."""
     rubric: str | Rubric | dict[str, Any] | None = None
     """Default rubric (preset name, Rubric or dict); ``None``: the engine's default."""
     rain_config: RainConfig | dict[str, Any] | None = None
@@ -211,16 +282,47 @@ class ChatRain(BaseChatModel):
     _loaded: RainEngine | None = PrivateAttr(default=None)
     _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
+    def __init__(self, model: Any = None, **kwargs: Any) -> None:
+        accepted = {*type(self).model_fields, *_INIT_ONLY}
+        for key in kwargs:
+            if key not in accepted:
+                raise unknown_keyword("ChatRain()", key, accepted)
+        tokenizer = kwargs.pop("tokenizer", None)
+        source = _source(model, tokenizer, kwargs).check()
+        if source.loaded_model:
+            # A loaded model is wrapped now (cheap: no weights move); the field keeps ids.
+            kwargs["engine"] = source.load()
+            model = None
+        super().__init__(model=None if model is None else str(model), **kwargs)  # type: ignore[call-arg]
+
     @model_validator(mode="after")
     def _check(self) -> ChatRain:
         # Cheap checks only: construction must not load weights.
         if self.rubric is not None:
             get_rubric(self.rubric)
-        if isinstance(self.rain_config, dict):
-            build_config(dict(self.rain_config))
-        if self.engine is not None and self.model is not None:
-            raise RainInputError("pass either model= or engine=, not both")
+        resolve(LANGCHAIN, defaults=RainConfig(), instance=self._instance_settings())
         return self
+
+    def _resolve_model_profile(self) -> Any:
+        # What LangChain (e.g. create_agent's summarisation) reads to size prompts;
+        # the context window is known once the engine is (a model id loads on first use).
+        profile: dict[str, Any] = {
+            "text_inputs": True,
+            "text_outputs": True,
+            "image_inputs": False,
+            "audio_inputs": False,
+            "video_inputs": False,
+            "pdf_inputs": False,
+            "tool_calling": True,
+            "tool_choice": True,
+            "structured_output": True,
+            "tool_call_streaming": False,
+            "reasoning_output": False,
+        }
+        engine = self.engine if self.engine is not None else self._loaded
+        if engine is not None:
+            profile["max_input_tokens"] = engine.context_window
+        return profile
 
     # --- construction ------------------------------------------------------------------
     @classmethod
@@ -231,7 +333,7 @@ class ChatRain(BaseChatModel):
     @classmethod
     def from_transformers(cls, model: Any, tokenizer: Any, **kwargs: Any) -> ChatRain:
         """A loaded transformers causal LM and its tokenizer."""
-        return cls(engine=RainEngine(model=model, tokenizer=tokenizer), **kwargs)
+        return cls(model=model, tokenizer=tokenizer, **kwargs)
 
     @property
     def rain_engine(self) -> RainEngine:
@@ -240,8 +342,22 @@ class ChatRain(BaseChatModel):
             return self.engine
         with self._load_lock:
             if self._loaded is None:
-                self._loaded = load_engine(self.model, self.gguf_file)
+                source = _source(self.model, None, self.__dict__)
+                self._loaded = source.load()
+                if isinstance(self.profile, dict):
+                    self.profile["max_input_tokens"] = self._loaded.context_window
             return self._loaded
+
+    def _instance_settings(self) -> dict[str, Any]:
+        return {
+            "rain_config": self.rain_config,
+            "rubric": self.rubric,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "seed": self.seed,
+            "timeout": self.timeout,
+            "stop": self.stop,
+        }
 
     # --- facts ---------------------------------------------------------------------------
     @property
@@ -260,7 +376,7 @@ class ChatRain(BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = "rain"
+        params["ls_provider"] = _PROVIDER
         params["ls_model_name"] = kwargs.get("model") or self.model_name
         params["ls_model_type"] = "chat"
         temperature = kwargs.get("temperature", self.temperature)
@@ -342,13 +458,13 @@ class ChatRain(BaseChatModel):
     def stream_events(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         # v1/v2 reach ``stream``/``astream`` above; v3 calls the model directly.
         config = ensure_config(config)
-        return super().stream_events(input, config, **{**kwargs, **_from_configurable(config)})
+        return super().stream_events(input, config, **_with_configurable(kwargs, config))
 
     def astream_events(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Any:
         config = ensure_config(config)
-        return super().astream_events(input, config, **{**kwargs, **_from_configurable(config)})
+        return super().astream_events(input, config, **_with_configurable(kwargs, config))
 
     # --- tools and structured output ------------------------------------------------------
     def bind_tools(
@@ -360,63 +476,121 @@ class ChatRain(BaseChatModel):
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools; a required ``tool_choice`` constrains the answer to a valid call."""
         resolve_tools(tools, tool_choice)  # fail here, not at the first call
+        for key in kwargs:
+            if key not in _LC_INTERNAL and key not in LANGCHAIN.accepted(*_CALL_OPTIONS):
+                raise unknown_option(LANGCHAIN, key, _CALL_OPTIONS)
         return self.bind(tools=list(tools), tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """Answers parsed into ``schema`` (pydantic class, TypedDict, JSON or OpenAI schema).
+
+        Every method is grammar-constrained, so the answer is valid for the schema
+        even from a small model (if ``max_tokens`` leaves room to finish it):
+
+        - ``"function_calling"``: a required call of a tool with the schema as its
+          parameters (parsed from ``AIMessage.tool_calls``);
+        - ``"json_schema"``: the whole answer is one JSON document of the schema
+          (parsed from the text);
+        - ``"json_mode"``: the whole answer is a JSON object (of ``schema``, when one
+          is given; describe the format in the prompt as with any JSON mode).
+
+        ``strict``: the grammar always enforces the schema exactly (no extra or
+        missing properties), which is what ``strict=True`` asks for; ``strict=False``
+        or ``None`` get the same guarantee. ``json_mode`` takes no ``strict``.
+        ``include_raw=True`` returns ``{"raw", "parsed", "parsing_error"}``.
+        """
+        if kwargs:
+            key = next(iter(kwargs))
+            raise unknown_keyword(
+                "with_structured_output", key, ["include_raw", "method", "schema", "strict"]
+            )
+        methods = ("function_calling", "json_schema", "json_mode")
+        if method not in methods:
+            raise RainInputError(f"unknown method {method!r}; use one of {', '.join(methods)}")
+        if schema is None and method != "json_mode":
+            raise RainInputError(f"method={method!r} needs a schema; json_mode alone takes none")
+        if strict is not None and method == "json_mode":
+            raise RainInputError(
+                "strict= applies to json_schema and function_calling, not json_mode"
+            )
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        pydantic_cls: Any = schema if is_pydantic else None
+        trace = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        parser: Runnable[Any, Any]
+        if method == "function_calling":
+            assert schema is not None
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=trace)
+            parser = (
+                PydanticToolsParser(tools=[pydantic_cls], first_tool_only=True)
+                if pydantic_cls is not None
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        else:
+            json_schema = {"type": "object"} if schema is None else convert_to_json_schema(schema)
+            llm = self.bind(response_format=json_schema, ls_structured_output_format=trace)
+            parser = (
+                PydanticOutputParser(pydantic_object=pydantic_cls)
+                if pydantic_cls is not None
+                else JsonOutputParser()
+            )
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(
+            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+        ).with_fallbacks(
+            [RunnablePassthrough.assign(parsed=lambda _: None)], exception_key="parsing_error"
+        )
+        return RunnableMap(raw=llm) | parsed
 
     # --- the one path ---------------------------------------------------------------------
     def _plan(
         self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
     ) -> _CallPlan:
-        kwargs = {k: v for k, v in kwargs.items() if k not in _LC_INTERNAL}
-        tools = resolve_tools(kwargs.pop("tools", None), kwargs.pop("tool_choice", None))
-        other = kwargs.pop("model", None)  # a per-call model: loaded once, then shared
-        engine = load_engine(other, kwargs.pop("gguf_file", None)) if other else self.rain_engine
-        rubric = engine.resolve_rubric(kwargs.pop("rubric", self.rubric))
-        include_trace = bool(kwargs.pop("include_trace", self.include_trace))
-        # Precedence: instance rain_config < instance fields (max_tokens, ...) < call
-        # rain_config < call keywords and configurable settings.
-        instance = {
-            _LC_TO_RAIN.get(name, name): getattr(self, name)
-            for name in ("max_tokens", "temperature", "seed", "timeout")
-            if getattr(self, name) is not None
-        }
-        cfg = engine.resolve_config(self.rain_config).merged(**instance)
-        call_cfg = kwargs.pop("rain_config", None)
-        if isinstance(call_cfg, RainConfig):
-            cfg = call_cfg
-        elif call_cfg is not None and not isinstance(call_cfg, Mapping):
-            # A preset name ("fast"), or a RainConfigError that says what fits.
-            cfg = engine.resolve_config(call_cfg).merged(**instance)
-        elif call_cfg is not None:
-            call_cfg = dict(call_cfg)
-            if "preset" in call_cfg:  # a preset starts afresh; instance fields still apply
-                kept = {k: v for k, v in instance.items() if k not in call_cfg}
-                cfg = engine.resolve_config(call_cfg).merged(**kept)
-            else:
-                cfg = cfg.merged(**call_cfg)
-        overrides: dict[str, Any] = {}
-        stops = stop if stop is not None else kwargs.pop("stop", None) or self.stop
-        kwargs.pop("stop", None)
-        if stops:
-            overrides["stop"] = tuple(stops)
-        for key, value in kwargs.items():
-            name = _LC_TO_RAIN.get(key, key)
-            if name not in _RAIN_FIELDS:
-                raise RainInputError(
-                    f"ChatRain got an unknown option {key!r}; use rubric, rain_config, model, "
-                    f"include_trace, tools, tool_choice, max_tokens, timeout or a RainConfig "
-                    f"setting ({', '.join(sorted(_RAIN_FIELDS))})"
-                )
-            if value is not None:
-                overrides[name] = tuple(value) if name == "stop" else value
-        cfg = cfg.merged(**overrides)
+        """Everything one call needs; every setting is resolved here, by one precedence."""
+        configurable = dict(kwargs.get(_CONFIGURABLE) or {})
+        call = {k: v for k, v in kwargs.items() if k not in _LC_INTERNAL}
+        if stop is not None:
+            call["stop"] = stop
+        tools = resolve_tools(call.pop("tools", None), call.pop("tool_choice", None))
+        response_format = call.pop("response_format", None)
+        if response_format is not None:
+            tools = ToolSet(answer_schema=dict(response_format))
+        include_trace = call.pop("include_trace", configurable.pop("include_trace", None))
+        other = call.pop("model", None)  # a per-call model: loaded once, then shared
+        gguf_file = call.pop("gguf_file", None)
+        engine = (
+            EngineSource("ChatRain", model=other, gguf_file=gguf_file).load()
+            if other
+            else self.rain_engine
+        )
+        settings = resolve(
+            LANGCHAIN,
+            defaults=engine.config,
+            default_rubric=engine.default_rubric,
+            instance=self._instance_settings(),
+            context=configurable,
+            call=call,
+            other_options=_CALL_OPTIONS,
+        )
+        assert settings.rubric is not None  # the engine's default at the least
         grammar = tools.grammar() if tools is not None else None
         return _CallPlan(
+            engine=engine,
             messages=_to_engine_messages(messages, tools, _knows_tool_role(engine)),
-            rubric=rubric,
-            config=cfg,
+            rubric=settings.rubric,
+            config=settings.config,
             tools=tools,
             grammar=grammar,
-            include_trace=include_trace,
+            include_trace=self.include_trace if include_trace is None else bool(include_trace),
         )
 
     def _iter_items(
@@ -439,7 +613,7 @@ class ChatRain(BaseChatModel):
             if name is not None and on_event is not None:
                 on_event(_Event(name, data))
 
-        stream = self.rain_engine.stream(
+        stream = plan.engine.stream(
             plan.messages,
             rubric=plan.rubric,
             config=plan.config,
@@ -531,53 +705,22 @@ class ChatRain(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         # The search runs in a worker thread so the event loop stays free; if this
-        # task is cancelled (or the consumer stops), ``cancel`` stops the search.
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        # task is cancelled (or the consumer stops), the bridge sets ``cancel``.
         cancel = threading.Event()
-        done = object()
-
-        def put(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop closed: nobody is listening any more
-                cancel.set()
-
-        def work() -> None:
-            try:
-                items = self._iter_items(
-                    messages, stop, cancel, put if dispatch is not None else None, **kwargs
-                )
-                for item in items:
-                    put(item)
-            except BaseException as exc:  # handed to the awaiting task
-                put(_Failure(exc))
-            finally:
-                put(done)
-
         dispatch = _async_dispatcher(self.callbacks, run_manager)
-        worker = loop.run_in_executor(None, work)
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if item is done:
-                    finished = True
-                    break
-                if isinstance(item, _Failure):
-                    raise item.exc
-                if isinstance(item, _Event):
-                    if dispatch is not None:
-                        await dispatch(item)
-                    continue
-                if run_manager is not None:
-                    await run_manager.on_llm_new_token(item.text, chunk=item)
-                yield item
-        finally:
-            if not finished:
-                cancel.set()
-            else:
-                await worker
+
+        def produce(emit: Emit) -> Iterator[ChatGenerationChunk]:
+            on_event = emit if dispatch is not None else None
+            return self._iter_items(messages, stop, cancel, on_event, **kwargs)
+
+        async for item in stream_in_thread(produce, cancel):
+            if isinstance(item, _Event):
+                if dispatch is not None:
+                    await dispatch(item)
+                continue
+            if run_manager is not None:
+                await run_manager.on_llm_new_token(item.text, chunk=item)
+            yield item
 
     async def _agenerate(
         self,
@@ -604,11 +747,6 @@ def _settle(result: ChatResult) -> ChatResult:
         gen.message.invalid_tool_calls = invalid
         gen.message.response_metadata.pop("invalid_tool_calls", None)
     return result
-
-
-@dataclass
-class _Failure:
-    exc: BaseException
 
 
 def _rubric_label(rubric: Any) -> str | None:
@@ -673,14 +811,14 @@ def _model_run(
     config: RunnableConfig | None, kwargs: dict[str, Any]
 ) -> Iterator[tuple[RunnableConfig, dict[str, Any]]]:
     """One model call: its config, with a fixed run id and current inside the block,
-    and the call keywords with the RAIN options of its configurable (those win).
+    and the call keywords with the RAIN options of its configurable riding along.
     """
     config = ensure_config(config)
     if config.get("run_id") is None:
         config["run_id"] = uuid7()
     token = _RUN.set(config)
     try:
-        yield config, {**kwargs, **_from_configurable(config)}
+        yield config, _with_configurable(kwargs, config)
     finally:
         # A generator closed from another context (e.g. garbage collection) cannot
         # reset its variable; the value is then dropped with that context anyway.

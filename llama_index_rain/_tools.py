@@ -13,7 +13,7 @@ from typing import Any
 
 from shared_core import tools as shared
 from shared_core.errors import RainInputError
-from shared_core.tools import ToolSet, choice_name, function_spec
+from shared_core.tools import ToolSet, function_spec, tool_set
 
 __all__ = ["ToolPlan", "format_call", "plan_tools"]
 
@@ -32,11 +32,12 @@ class ToolPlan(ToolSet):
 def plan_tools(
     tools: Sequence[Any] | None, tool_required: bool, tool_choice: Any
 ) -> ToolPlan | None:
-    """Normalise LlamaIndex tools and ``tool_required`` / ``tool_choice`` into a ToolPlan."""
-    if not tools or tool_choice == "none":
-        return None
+    """LlamaIndex tools and ``tool_required`` / ``tool_choice`` as a ToolPlan.
+
+    The choice is read by :func:`shared_core.tools.tool_set`, as ChatRain reads it.
+    """
     specs: list[dict[str, Any]] = []
-    for tool in tools:
+    for tool in tools or ():
         metadata = getattr(tool, "metadata", None)
         if metadata is None or not hasattr(metadata, "to_openai_tool"):
             raise RainInputError(
@@ -44,21 +45,9 @@ def plan_tools(
                 "(FunctionTool.from_defaults(fn), QueryEngineTool, ...)"
             )
         specs.append(function_spec(metadata.to_openai_tool(skip_length_check=True)["function"]))
-    names = [s["name"] for s in specs]
-    name = choice_name(tool_choice)
-    required: list[str] | None
-    if name in (None, "auto"):
-        required = names if tool_required else None
-    elif name in ("required", "any"):
-        required = names
-    elif isinstance(name, str) and name in names:
-        required = [name]
-    else:
-        raise RainInputError(
-            f"tool_choice {tool_choice!r} names no given tool; use 'auto', 'required', "
-            f"'none' or one of {names}"
-        )
-    return ToolPlan(specs=specs, required=required)
+    plan = tool_set(specs, tool_choice, tool_required=tool_required, kind=ToolPlan)
+    assert plan is None or isinstance(plan, ToolPlan)
+    return plan
 
 
 def format_call(call: Any) -> str:

@@ -1,15 +1,16 @@
 """RainLLM: RAIN as a LlamaIndex ``LLM`` (RAG query engines, chat engines, agents).
 
 One private path feeds all eight calling endpoints: ``_start`` resolves the rubric and
-config, renders the prompt and validates it (``engine.stream``); ``_chunks``
-turns the engine's committed token sets into ``(delta, text, extra)`` tuples.
-The sync endpoints consume ``_chunks`` directly, the async ones run it in a
-worker thread, so streaming and non-streaming calls format prompts the same way.
+config (:mod:`shared_core.settings`), renders the prompt and validates it
+(``engine.stream``); ``_chunks`` turns the engine's committed token sets into
+``(delta, text, extra)`` tuples through the shared stream gate. The sync endpoints
+consume ``_chunks`` directly, the async ones run it in a worker thread
+(:mod:`shared_core.bridge`), so streaming and non-streaming calls format prompts
+the same way.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llama_index.core.base.llms.generic_utils import (
+    messages_to_prompt as generic_messages_to_prompt,
+)
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -37,13 +41,15 @@ from llama_index.core.instrumentation.events.synthesis import SynthesizeEndEvent
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.program.function_program import get_function_tool
+from llama_index.core.program.utils import get_program_for_llm
 from llama_index.core.tools.types import BaseTool
+from llama_index.core.types import PydanticProgramMode
 
 from llama_index_rain._tools import ToolPlan, format_call, plan_tools
 from shared_core import (
     RainConfig,
     RainEngine,
-    RainError,
     RainInputError,
     RainResult,
     RainStream,
@@ -51,7 +57,17 @@ from shared_core import (
     get_rubric,
     load_engine,
 )
+from shared_core.bridge import Emit, run_in_thread, stream_in_thread
 from shared_core.rubric import RubricSpec
+from shared_core.settings import (
+    LLAMA_INDEX,
+    EngineSource,
+    Settings,
+    from_generate_kwargs,
+    resolve,
+    unknown_keyword,
+)
+from shared_core.tools import TextGate
 
 __all__ = ["RainLLM", "current_rain_rubric", "rain_rubric"]
 
@@ -72,7 +88,18 @@ _ROLES: dict[str, str] = {
 _Chunk = tuple[str, str, dict[str, Any]]
 """(delta, cumulative text, additional_kwargs) of one streamed response."""
 
-_END = object()
+# Per-call options RainLLM handles itself (the rest are settings: shared_core.settings).
+_CALL_OPTIONS = ("formatted", "tool_choice", "tool_required", "tools")
+# Constructor arguments that are not settings, beside LlamaIndex's own LLM fields.
+_SOURCE_ARGS = ("model", "tokenizer", "engine", "gguf_file", "base_url", "api_key", "dialect")
+_SETTING_ARGS = (
+    "rubric",
+    "config",
+    "max_new_tokens",
+    "temperature",
+    "context_window",
+    "generate_kwargs",
+)
 
 
 @contextmanager
@@ -222,35 +249,44 @@ class _Call:
     rubric: Rubric
     tools: ToolPlan | None = None
 
-    def visible(self, text: str, final: bool) -> str:
-        return text if self.tools is None else self.tools.visible(text, final)
-
     def final(self, result: RainResult) -> tuple[str, dict[str, Any]]:
         """The answer's text and ``additional_kwargs`` (stats, and tool calls if any)."""
         extra = _stats(result)
-        if self.tools is not None:
-            extra["tool_calls"], extra["invalid_tool_calls"] = self.tools.parse(result.text)
-        return self.visible(result.text, final=True), extra
+        if self.tools is None:
+            return result.text, extra
+        parsed = self.tools.parse_answer(result.text)
+        extra["tool_calls"], extra["invalid_tool_calls"] = self.tools.parse(result.text)
+        return parsed.rest, extra
 
 
 class RainLLM(FunctionCallingLLM):
     """A LlamaIndex LLM whose every answer is found by RAIN's self-evaluated search.
 
-    Build it from a model id or path (``RainLLM("HuggingFaceTB/SmolLM2-135M-Instruct")``),
-    a loaded transformers model and tokenizer (``RainLLM(model, tokenizer)``), an
-    existing engine (``RainLLM(engine=engine)``) or the embedded default
-    (``RainLLM.from_default()``, also what ``RainLLM()`` does). Models named by
-    id or path go through :func:`shared_core.load_engine`, so every RainLLM and
-    ChatRain in the process shares one copy of the weights.
+    Build it the ways a RainEngine or ChatRain is built: a model id or path
+    (``RainLLM("HuggingFaceTB/SmolLM2-135M-Instruct")``, ``gguf_file=`` for GGUF
+    weights), a loaded transformers model and tokenizer (``RainLLM(model, tokenizer)``),
+    an existing ``engine=``, a served model (``base_url=``, ``model=`` its served name,
+    ``api_key=``, ``dialect=``) or the embedded default (``RainLLM()``,
+    :meth:`from_default`). Models named by id or path go through
+    :func:`shared_core.load_engine`, so every RainLLM and ChatRain in the process
+    shares one copy of the weights.
 
-    The rubric of a call is, in order: the ``rubric=`` keyword of the endpoint,
-    the innermost :func:`rain_rubric` block, the instance's ``rubric``. Other
-    keywords (``config=``, ``max_new_tokens=``, ``T=``, ...) are RainConfig
-    overrides for that call.
+    ``HuggingFaceLLM``'s options mean the same here: ``max_new_tokens``,
+    ``temperature`` (vanilla decoding), ``context_window`` (a cap below the model's
+    window: prompts are refused above it and answers cut to fit it),
+    ``system_prompt``, ``query_wrapper_prompt`` and ``completion_to_prompt`` (applied
+    by ``complete(formatted=False)``), ``messages_to_prompt`` (when given, ``chat``
+    sends the conversation it renders as one user turn) and the ``generate_kwargs``
+    that have a RAIN meaning. Any search setting goes in ``config=``. An unknown
+    keyword is refused with the accepted names, here and per call.
+
+    The settings of a call combine as :mod:`shared_core.settings` says: the call's
+    keywords (``rubric=``, ``config=``, ``max_new_tokens=``, ``T=``, ...), then the
+    innermost :func:`rain_rubric` block, then the instance's fields.
 
     ``complete`` sends the prompt as one user message through the model's chat
     template, streaming or not; with ``formatted=False`` the instance's
-    ``completion_to_prompt`` (identity by default) and ``system_prompt`` are
+    ``query_wrapper_prompt``, ``completion_to_prompt`` and ``system_prompt`` are
     applied first, with ``formatted=True`` the prompt is sent as given. ``chat``
     sends the messages as they are (``LLM.predict`` already adds ``system_prompt``).
 
@@ -258,7 +294,8 @@ class RainLLM(FunctionCallingLLM):
     prompt; the model calls one as ``<tool_call>{"name": ..., "arguments": {...}}
     </tool_call>`` and the call lands in ``message.additional_kwargs["tool_calls"]``.
     A required call (``tool_required=True`` or ``tool_choice``) is constrained by
-    a JSON-schema grammar, so it is always valid for the tool's parameters.
+    a JSON-schema grammar, so it is always valid for the tool's parameters; so are
+    ``structured_predict`` and its stream and async twins.
 
     Streaming yields one response per committed token set that adds visible text
     (``delta`` + cumulative ``text``; a tool call is held back, never streamed),
@@ -269,14 +306,25 @@ class RainLLM(FunctionCallingLLM):
 
     model: str = Field(default="", description="Name of the model the engine runs.")
     gguf_file: str | None = Field(default=None, description="GGUF file inside `model`, if any.")
+    base_url: str | None = Field(default=None, description="Server of a served model, if any.")
     rubric: str = Field(default="", description="Name of the default rubric.")
     config: dict[str, Any] = Field(
-        default_factory=dict, description="The default RainConfig, as a dict."
+        default_factory=dict, description="The instance's RainConfig (all levels but the call)."
+    )
+    max_new_tokens: int | None = Field(default=None, description="Maximum answer tokens.")
+    temperature: float | None = Field(
+        default=None, description="Vanilla decoding temperature (RainConfig.temperature)."
+    )
+    context_window: int | None = Field(
+        default=None, description="A cap on prompt + answer tokens below the model's window."
+    )
+    generate_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="transformers generate() options that map onto RAIN."
     )
 
     _engine: RainEngine = PrivateAttr()
-    _default_rubric: Rubric = PrivateAttr()
-    _config: RainConfig = PrivateAttr()
+    _instance: dict[str, Any] = PrivateAttr()
+    _settings: Settings = PrivateAttr()
 
     def __init__(
         self,
@@ -285,23 +333,64 @@ class RainLLM(FunctionCallingLLM):
         *,
         engine: RainEngine | None = None,
         gguf_file: str | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        dialect: str | None = None,
         rubric: RubricSpec | None = None,
-        config: RainConfig | Mapping[str, Any] | None = None,
+        config: RainConfig | Mapping[str, Any] | str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        context_window: int | None = None,
+        generate_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        engine = _build_engine(model, tokenizer, engine, gguf_file)
-        default_rubric = engine.resolve_rubric(rubric)
-        resolved = engine.resolve_config(config)
+        base_fields = set(FunctionCallingLLM.model_fields)
+        for key in kwargs:
+            if key not in base_fields:
+                raise unknown_keyword(
+                    "RainLLM()", key, [*_SOURCE_ARGS, *_SETTING_ARGS, *base_fields]
+                )
+        source = EngineSource(
+            owner="RainLLM",
+            model=model,
+            tokenizer=tokenizer,
+            gguf_file=gguf_file,
+            engine=engine,
+            base_url=base_url,
+            api_key=api_key,
+            dialect=dialect,
+        )
+        rain_engine: RainEngine = source.load()
+        instance: dict[str, Any] = {
+            "config": config,
+            "rubric": rubric,
+            **from_generate_kwargs(generate_kwargs or {}, "RainLLM"),
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "context_window": context_window,
+        }
+        settings = resolve(
+            LLAMA_INDEX,
+            defaults=rain_engine.config,
+            default_rubric=rain_engine.default_rubric,
+            instance=instance,
+        )
+        assert settings.rubric is not None
         fields: dict[str, Any] = {
-            "model": engine.model_name,
+            "model": rain_engine.model_name,
             "gguf_file": gguf_file,
-            "rubric": default_rubric.name,
-            "config": resolved.model_dump(),
+            "base_url": base_url,
+            "rubric": settings.rubric.name,
+            "config": settings.config.model_dump(),
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "context_window": context_window,
+            "generate_kwargs": dict(generate_kwargs or {}),
         }
         super().__init__(**fields, **kwargs)
-        self._engine = engine
-        self._default_rubric = default_rubric
-        self._config = resolved
+        self._engine = rain_engine
+        self._instance = instance
+        self._settings = settings
 
     @classmethod
     def from_default(cls, **kwargs: Any) -> RainLLM:
@@ -319,9 +408,12 @@ class RainLLM(FunctionCallingLLM):
 
     @property
     def metadata(self) -> LLMMetadata:
+        window = self._engine.context_window
+        if self._settings.context_window is not None:
+            window = min(window, self._settings.context_window)
         return LLMMetadata(
-            context_window=self._engine.context_window,
-            num_output=self._config.max_new_tokens,
+            context_window=window,
+            num_output=self._settings.config.max_new_tokens,
             is_chat_model=True,
             is_function_calling_model=True,
             model_name=self._engine.model_name,
@@ -336,17 +428,27 @@ class RainLLM(FunctionCallingLLM):
         tools: ToolPlan | None = None,
     ) -> _Call:
         """Resolve rubric and config now (the caller's context), validate the prompt."""
-        spec = kwargs.pop("rubric", None)
-        rubric = get_rubric(spec) if spec is not None else (_RUBRIC.get() or self._default_rubric)
-        config = kwargs.pop("config", None)
-        cfg = self._config if config is None else self._engine.resolve_config(config)
-        cfg = cfg.merged(**kwargs) if kwargs else cfg
+        settings = resolve(
+            LLAMA_INDEX,
+            defaults=self._engine.config,
+            default_rubric=self._engine.default_rubric,
+            instance=self._instance,
+            context={"rubric": _RUBRIC.get()},
+            call=kwargs,
+            other_options=_CALL_OPTIONS,
+        )
+        assert settings.rubric is not None
+        cfg = settings.config
+        if settings.context_window is not None:
+            # The cap is ours, below the model's window: fit the answer to it here.
+            prompt = self._engine.prompt_ids(messages)
+            cfg = settings.fit(len(prompt), self._engine.context_window)
         grammar = tools.grammar() if tools is not None else None
         cancel = threading.Event()
         stream = self._engine.stream(
-            messages, rubric=rubric, config=cfg, cancel=cancel, grammar=grammar
+            messages, rubric=settings.rubric, config=cfg, cancel=cancel, grammar=grammar
         )
-        return _Call(stream=stream, cancel=cancel, rubric=rubric, tools=tools)
+        return _Call(stream=stream, cancel=cancel, rubric=settings.rubric, tools=tools)
 
     def _start_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Call:
         tools = plan_tools(
@@ -354,6 +456,11 @@ class RainLLM(FunctionCallingLLM):
             bool(kwargs.pop("tool_required", False)),
             kwargs.pop("tool_choice", None),
         )
+        render = self.messages_to_prompt
+        if tools is None and render is not None and render is not generic_messages_to_prompt:
+            # A user's messages_to_prompt renders the conversation (HuggingFaceLLM's way).
+            text = render(messages)
+            return self._start([{"role": "user", "content": text}], kwargs)
         return self._start(_to_engine_messages(messages, tools), kwargs, tools)
 
     def _completion_messages(self, prompt: str, formatted: bool) -> list[dict[str, str]]:
@@ -363,20 +470,24 @@ class RainLLM(FunctionCallingLLM):
             )
         if formatted:
             return [{"role": "user", "content": prompt}]
-        text = self.completion_to_prompt(prompt) if self.completion_to_prompt else prompt
+        # HuggingFaceLLM's order: the query wrapper, then completion_to_prompt.
+        text = prompt
+        if self.query_wrapper_prompt is not None:
+            text = self.query_wrapper_prompt.format(query_str=text)
+        text = self.completion_to_prompt(text) if self.completion_to_prompt else text
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return [*msgs, {"role": "user", "content": text}]
 
     @staticmethod
     def _chunks(call: _Call) -> Generator[_Chunk, None, None]:
         """Committed token sets as (delta, text, extra); the stats ride on a last chunk."""
-        raw, shown = "", ""
+        gate = TextGate(call.tools)  # the stream gate ChatRain uses: calls are held back
+        shown = ""
         try:
             for commit in call.stream:
-                raw += commit.text
-                visible = call.visible(raw, final=False)
-                if len(visible) > len(shown):
-                    delta, shown = visible[len(shown) :], visible
+                delta = gate.push(commit.text)
+                if delta:
+                    shown += delta
                     yield delta, shown, {"commit": commit.index, "value": commit.value}
             text, extra = call.final(call.stream.result)
             yield text[len(shown) :], text, extra
@@ -385,55 +496,58 @@ class RainLLM(FunctionCallingLLM):
 
     @staticmethod
     def _run(call: _Call) -> RainResult:
-        for _ in call.stream:
-            pass
+        try:
+            for _ in call.stream:
+                pass
+        finally:
+            call.stream.close()
         return call.stream.result
 
     @staticmethod
     async def _arun(call: _Call) -> RainResult:
-        try:
-            return await asyncio.to_thread(RainLLM._run, call)
-        except asyncio.CancelledError:
-            call.cancel.set()  # the worker thread stops within one forward pass
-            raise
+        return await run_in_thread(lambda: RainLLM._run(call), call.cancel)
 
     @staticmethod
     async def _achunks(call: _Call) -> AsyncIterator[_Chunk]:
         """``_chunks`` produced by a worker thread, so the event loop never blocks."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
 
-        def put(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop closed: nobody is listening any more
-                call.cancel.set()
+        def produce(emit: Emit) -> Iterator[_Chunk]:
+            return RainLLM._chunks(call)
 
-        def produce() -> None:
-            chunks = RainLLM._chunks(call)
-            try:
-                for chunk in chunks:
-                    if call.cancel.is_set():
-                        break
-                    put(chunk)
-            except BaseException as exc:  # handed to the consumer, raised there
-                put(exc)
-            finally:
-                chunks.close()  # releases the engine's cached prefixes now, in this thread
-                put(_END)
+        async for chunk in stream_in_thread(produce, call.cancel):
+            yield chunk
 
-        threading.Thread(target=produce, name="rain-search", daemon=True).start()
-        try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            # Cancelled or closed early: stop the search instead of finishing unheard.
-            call.cancel.set()
+    # --- structured output --------------------------------------------------------------
+    # LlamaIndex's streaming programs ask for the class's tool without requiring it;
+    # naming it as the tool_choice makes the call (and so the object) grammar-constrained.
+    def _structured_stream_call(
+        self,
+        output_cls: Any,
+        prompt: Any,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Any:
+        return self._structured_program(output_cls, prompt).stream_call(
+            llm_kwargs=llm_kwargs, **prompt_args
+        )
+
+    async def _structured_astream_call(
+        self,
+        output_cls: Any,
+        prompt: Any,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Any:
+        program = self._structured_program(output_cls, prompt)
+        return await program.astream_call(llm_kwargs=llm_kwargs, **prompt_args)
+
+    def _structured_program(self, output_cls: Any, prompt: Any) -> Any:
+        if self.pydantic_program_mode != PydanticProgramMode.DEFAULT:
+            return get_program_for_llm(
+                output_cls, prompt, self, pydantic_program_mode=self.pydantic_program_mode
+            )
+        name = get_function_tool(output_cls).metadata.name
+        return get_program_for_llm(output_cls, prompt, self, tool_choice=name)
 
     # --- completion endpoints ---------------------------------------------------------------
     @llm_completion_callback()
@@ -573,32 +687,3 @@ def _chat_chunk(delta: str | None, text: str, extra: dict[str, Any]) -> ChatResp
         additional_kwargs={"tool_calls": calls} if calls else {},
     )
     return ChatResponse(message=message, delta=delta, additional_kwargs=extra)
-
-
-def _build_engine(
-    model: Any, tokenizer: Any, engine: RainEngine | None, gguf_file: str | None
-) -> RainEngine:
-    """The engine for the constructor's arguments; ids and paths go through the shared cache."""
-    if engine is not None:
-        if model is not None or tokenizer is not None:
-            raise RainError("pass either engine= or model/tokenizer to RainLLM, not both")
-        if not isinstance(engine, RainEngine):
-            raise RainError(f"engine= must be a RainEngine, got {type(engine).__name__}")
-        return engine
-    if model is None:
-        if tokenizer is not None:
-            raise RainError("RainLLM got a tokenizer without a model; pass model= as well")
-        return load_engine()
-    if isinstance(model, str | Path):
-        if tokenizer is not None:
-            raise RainError(
-                "a tokenizer goes with a loaded model object; with a model id or path "
-                "RainLLM loads the tokenizer itself"
-            )
-        return load_engine(model, gguf_file)
-    if tokenizer is None:
-        raise RainError(
-            f"RainLLM got a loaded model ({type(model).__name__}) without its tokenizer; "
-            "pass tokenizer= too, or a model id/path instead"
-        )
-    return RainEngine(model=model, tokenizer=tokenizer)

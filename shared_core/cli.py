@@ -19,11 +19,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from shared_core.config import RainConfig, build_config
+from shared_core.config import RainConfig
 from shared_core.engine import RainEngine, RainResult, load_engine
 from shared_core.errors import RainError
 from shared_core.rubric import PRESETS, RubricSpec, get_rubric
 from shared_core.search import RainCancelled
+from shared_core.settings import CLI, resolve
 
 __all__ = ["EngineFactory", "build_parser", "main"]
 
@@ -302,17 +303,17 @@ def _read_rubric(arg: str) -> RubricSpec:
 
 
 def _read_config(args: argparse.Namespace) -> RainConfig:
+    """The options as one config, by :mod:`shared_core.settings`' precedence: ``--fast``
+    (a preset) < ``--set KEY=VALUE`` < ``--max-new-tokens`` / ``--seed``."""
     data: dict[str, Any] = {"preset": "fast"} if args.fast else {}
     for item in args.settings:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise _UsageError(f"--set expects KEY=VALUE, got {item!r}")
         data[key.strip()] = _parse_value(raw)
-    if args.max_new_tokens is not None:
-        data["max_new_tokens"] = args.max_new_tokens
-    if args.seed is not None:
-        data["seed"] = args.seed
-    return build_config(data)
+    call = {"config": data, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    flags = {k: v for k, v in call.items() if v is not None}
+    return resolve(CLI, defaults=RainConfig(), call=flags).config
 
 
 def _parse_value(raw: str) -> Any:

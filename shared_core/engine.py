@@ -16,7 +16,7 @@ from typing import Any
 
 from shared_core.config import RainConfig, build_config
 from shared_core.embeddings import Embedder, default_embedder
-from shared_core.errors import RainConfigError, RainError, RainInputError
+from shared_core.errors import RainError, RainInputError
 from shared_core.evaluation import Evaluator, Judgement, SelfEvaluator
 from shared_core.messages import (
     MessagesLike,
@@ -216,20 +216,14 @@ class RainEngine:
     def resolve_config(
         self, config: RainConfig | Mapping[str, Any] | None = None, **overrides: Any
     ) -> RainConfig:
-        """The engine's config with a per-call config and keyword overrides applied."""
-        base = self.config
-        if isinstance(config, RainConfig):
-            base = config
-        elif config is not None and not isinstance(config, Mapping):
-            base = build_config(config)  # a preset name, or a RainConfigError saying what fits
-        elif config is not None:
-            data = dict(config)
-            bad = [k for k in data if not isinstance(k, str)]
-            if bad:
-                raise RainConfigError(f"config keys must be setting names, got {bad!r:.80}")
-            # A preset starts from its own defaults; plain settings refine the engine's.
-            base = build_config(data) if "preset" in data else base.merged(**data)
-        return base.merged(**overrides) if overrides else base
+        """The engine's config with a per-call config and keyword overrides applied.
+
+        The precedence is :mod:`shared_core.settings`' (keywords over ``config``'s
+        settings; a preset or a whole RainConfig replaces the engine's config as base).
+        """
+        from shared_core.settings import ENGINE, resolve
+
+        return resolve(ENGINE, defaults=self.config, call={"config": config, **overrides}).config
 
     def resolve_rubric(self, rubric: RubricSpec | None) -> Rubric:
         return self.default_rubric if rubric is None else get_rubric(rubric)

@@ -8,6 +8,11 @@ Tools are described in the system prompt; the model answers a call as
 ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``. When a call is
 required the whole answer is the bare JSON object, constrained by the
 output grammar of :meth:`ToolSet.grammar` (a JSON schema; the model backend applies it).
+Structured output without a tool (``answer_schema``) constrains the whole answer to
+one JSON document of a schema the same way.
+
+:func:`tool_set` is the one reading of ``tool_choice`` / ``tool_required`` that both
+adapters use, so a choice means the same in LangChain and LlamaIndex.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared_core.errors import RainInputError
 from shared_core.models.protocol import Grammar
 
 __all__ = [
@@ -33,6 +39,7 @@ __all__ = [
     "format_call",
     "function_spec",
     "new_call_id",
+    "tool_set",
 ]
 
 CALL_OPEN = "<tool_call>"
@@ -80,14 +87,21 @@ class ToolSet:
     """OpenAI-style function specs: name, description, JSON-schema parameters."""
     required: list[str] | None = None
     """Names one of which must be called; ``None``: the model may answer in text."""
-    bare_calls: bool = False
-    """Whether an answer that is a bare JSON object naming a tool (no tags) is a call."""
+    bare_calls: bool = True
+    """Whether an answer that is a bare JSON object naming a tool (no tags) is a call:
+    small models often drop the tags. Decided once, in :func:`tool_set`, for both adapters."""
+    answer_schema: dict[str, Any] | None = None
+    """Structured output without a tool: the whole answer is one JSON document of this
+    schema (grammar-constrained), shown and returned as text."""
 
     @property
     def names(self) -> list[str]:
         return [s["name"] for s in self.specs]
 
     def system_prompt(self) -> str:
+        if self.answer_schema is not None:
+            schema = json.dumps(self.answer_schema, ensure_ascii=False)
+            return f"Answer with only a JSON object that follows this JSON schema:\n{schema}"
         lines = [
             "You can call these tools. Each is described by a JSON schema:",
             "<tools>",
@@ -120,7 +134,10 @@ class ToolSet:
         return out
 
     def call_schema(self) -> dict[str, Any]:
-        """JSON schema of a required call: ``{"name": const, "arguments": parameters}``."""
+        """JSON schema of a required call: ``{"name": const, "arguments": parameters}``
+        (or the ``answer_schema`` itself)."""
+        if self.answer_schema is not None:
+            return self.answer_schema
         options = [
             {
                 "type": "object",
@@ -136,8 +153,9 @@ class ToolSet:
         return options[0] if len(options) == 1 else {"anyOf": options}
 
     def grammar(self) -> Grammar | None:
-        """The grammar that keeps a required call valid; ``None`` when no call is required."""
-        if self.required is None:
+        """The grammar that keeps a required call (or the structured answer) valid;
+        ``None`` when the model may answer freely."""
+        if self.required is None and self.answer_schema is None:
             return None
         return Grammar.from_schema(self.call_schema())
 
@@ -147,6 +165,8 @@ class ToolSet:
         ``final=False`` (streaming) also holds back a tail that may be the start of
         ``<tool_call>``. The result only grows as ``text`` grows.
         """
+        if self.answer_schema is not None:
+            return text  # structured output is the answer's text
         if self.required is not None:
             return ""
         if self.bare_calls and text.lstrip().startswith("{"):
@@ -162,6 +182,8 @@ class ToolSet:
 
     def parse_answer(self, text: str) -> ParsedAnswer:
         """Split a finished answer into its text and its calls (valid and invalid)."""
+        if self.answer_schema is not None:
+            return ParsedAnswer(rest=text, calls=[], invalid=[])
         stripped = text.strip()
         bare = (
             self.bare_calls
@@ -229,6 +251,46 @@ class TextGate:
         out = self.text[self.shown : end] if end > self.shown else ""
         self.shown = max(self.shown, end)
         return out
+
+
+def tool_set(
+    specs: Sequence[Mapping[str, Any]],
+    tool_choice: Any = None,
+    *,
+    tool_required: bool = False,
+    kind: type[ToolSet] = ToolSet,
+) -> ToolSet | None:
+    """The tools of one request, with ``tool_choice`` read the same way in both adapters.
+
+    - no tools, ``"none"`` or ``False``: ``None`` (the tools are not shown; plain text);
+    - ``None`` or ``"auto"``: the model may call one or answer in text; with
+      ``tool_required=True`` (LlamaIndex) a call is required;
+    - ``"any"``, ``"required"`` or ``True``: one of the tools must be called;
+    - a tool's name, ``{"type": "function", "function": {"name": ...}}`` or
+      ``{"name": ...}``: that tool must be called (``{"type": "any"}`` etc. as the words).
+
+    A required call is grammar-constrained (:meth:`ToolSet.grammar`). An answer that is
+    a bare JSON object naming a given tool (no tags) counts as a call in both adapters.
+    """
+    choice = choice_name(tool_choice)
+    if isinstance(tool_choice, Mapping) and choice is None:
+        choice = tool_choice.get("type")
+    if not specs or choice in ("none", False):
+        return None
+    names = [str(s["name"]) for s in specs]
+    required: list[str] | None
+    if choice in (None, "auto"):
+        required = names if tool_required else None
+    elif choice in ("any", "required", True):
+        required = names
+    elif isinstance(choice, str) and choice in names:
+        required = [choice]
+    else:
+        raise RainInputError(
+            f"tool_choice {tool_choice!r} names no given tool; use 'auto', 'any' (or "
+            f"'required'), 'none' or one of {names}"
+        )
+    return kind(specs=[dict(s) for s in specs], required=required, bare_calls=True)
 
 
 def function_spec(function: Mapping[str, Any]) -> dict[str, Any]:

@@ -204,15 +204,23 @@ async def test_lcel_rubric_per_call_async(chain: Any) -> None:
     assert spy.rubrics == ["positive", "truthful", "positive"]
 
 
-def test_configurable_beats_keyword_and_default(tiny_engine: Any) -> None:
+def test_call_keyword_beats_configurable_beats_instance(tiny_engine: Any) -> None:
+    # shared_core.settings: call keyword > configurable > instance field > preset > defaults.
     model = ChatRain(engine=tiny_engine, rain_config=MICRO, max_tokens=2, rubric="truthful")
     assert model.invoke("x").response_metadata["rubric"] == "truthful"
-    bound = model.bind(rubric="positive")
-    assert bound.invoke("x").response_metadata["rubric"] == "positive"
-    out = bound.invoke("x", config={"configurable": {"rubric": "harmless", "max_tokens": 1}})
+    run = {"configurable": {"rubric": "harmless", "max_tokens": 1}}
+    out = model.invoke("x", config=run)
     assert out.response_metadata["rubric"] == "harmless"
     assert out.usage_metadata is not None and out.usage_metadata["output_tokens"] == 1
-    # Other RAIN settings travel the same way; the config preset too.
+    bound = model.bind(rubric="positive")
+    assert bound.invoke("x").response_metadata["rubric"] == "positive"
+    out = bound.invoke("x", config=run)
+    assert out.response_metadata["rubric"] == "positive"  # the bound keyword wins
+    assert out.usage_metadata is not None and out.usage_metadata["output_tokens"] == 1
+    out = model.invoke("x", rubric="positive", max_tokens=2, config=run)
+    assert out.response_metadata["rubric"] == "positive"
+    assert out.usage_metadata is not None and out.usage_metadata["output_tokens"] == 2
+    # A preset in the run config is a base: the instance's settings still go over it.
     fast = model.invoke("x", config={"configurable": {"rain_config": {"preset": "fast"}}})
     assert fast.response_metadata["rain_stats"]["iterations"] >= 1
     assert fast.usage_metadata is not None and fast.usage_metadata["output_tokens"] <= 2
