@@ -68,6 +68,10 @@ class EvalSession(ABC):
     def score(self, response_ids: Sequence[int], response_text: str) -> Judgement:
         """Judge the response so far (committed + uncommitted + rollout)."""
 
+    def score_many(self, responses: Sequence[tuple[Sequence[int], str]]) -> list[Judgement]:
+        """Judge several responses ``(ids, text)``; a session that can asks the model once."""
+        return [self.score(ids, text) for ids, text in responses]
+
     def committed(self, response_ids: Sequence[int]) -> None:  # noqa: B027 - optional hook
         """Hint: ``response_ids`` is now a fixed prefix of every later response."""
 
@@ -345,15 +349,26 @@ class _SelfEvalSession(EvalSession):
             self.backend.unpin(self._pinned.pop())
 
     def score(self, response_ids: Sequence[int], response_text: str) -> Judgement:
-        ids = tuple(response_ids)
-        if _TAG.search(response_text):
-            # The response imitates our delimiters: re-encode it defused (and read
-            # literally) so it cannot close its own block and speak as the judge.
-            ids = tuple(self.backend.encode_literal(_defuse(response_text)))
-        seqs = [r + ids + t for r, t in zip(self.requests, self.layout.tails, strict=True)]
+        return self.score_many([(response_ids, response_text)])[0]
+
+    def score_many(self, responses: Sequence[tuple[Sequence[int], str]]) -> list[Judgement]:
+        # Every response's option orders in one label_logprobs call (several leaves of a
+        # search round are judged in one batch).
+        seqs: list[tuple[int, ...]] = []
+        for response_ids, response_text in responses:
+            ids = tuple(response_ids)
+            if _TAG.search(response_text):
+                # The response imitates our delimiters: re-encode it defused (and read
+                # literally) so it cannot close its own block and speak as the judge.
+                ids = tuple(self.backend.encode_literal(_defuse(response_text)))
+            seqs.extend(r + ids + t for r, t in zip(self.requests, self.layout.tails, strict=True))
         labels = self.layout.label_ids
         logprobs = self.backend.label_logprobs(seqs, labels, reuse=self.reuse, cancel=self.cancel)
-        return _judge(self.rubric, self.layout, labels, logprobs)
+        orders = len(self.requests)
+        return [
+            _judge(self.rubric, self.layout, labels, logprobs[i : i + orders])
+            for i in range(0, len(seqs), orders)
+        ]
 
 
 def _judge(
