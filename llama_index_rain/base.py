@@ -361,13 +361,17 @@ class RainLLM(FunctionCallingLLM):
             dialect=dialect,
         )
         rain_engine: RainEngine = source.load()
+        named = {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "context_window": context_window,
+        }
+        # The instance level: its config, generate_kwargs, then the fields named outright.
         instance: dict[str, Any] = {
             "config": config,
             "rubric": rubric,
             **from_generate_kwargs(generate_kwargs or {}, "RainLLM"),
-            "max_new_tokens": max_new_tokens,
-            "temperature": temperature,
-            "context_window": context_window,
+            **{k: v for k, v in named.items() if v is not None},
         }
         settings = resolve(
             LLAMA_INDEX,
