@@ -2,7 +2,9 @@
 
 ``stream`` is the one code path: ``generate`` consumes it, and the LangChain
 and LlamaIndex adapters feed both their streaming and non-streaming methods
-from it.
+from it. Each call builds a :class:`~shared_core.request.RainRequest` (the
+answer, the rules that end it, its cache pins), runs the search
+(:func:`~shared_core.search.run_search`) over it, and assembles the result.
 """
 
 from __future__ import annotations
@@ -25,19 +27,18 @@ from shared_core.messages import (
     normalize_messages,
 )
 from shared_core.models.protocol import Grammar, LanguageModel, SampleRequest
+from shared_core.request import RainRequest
 from shared_core.rubric import Rubric, RubricSpec, get_rubric
 from shared_core.search import (
     Commit,
     EventHandler,
-    RainCancelled,
     SearchContext,
+    SearchInputs,
     SearchStats,
     run_search,
 )
 
 __all__ = ["RainEngine", "RainResult", "RainStream", "load_engine"]
-
-_SENTENCE_END = (".", "!", "?", "\n")
 
 
 @dataclass
@@ -102,40 +103,6 @@ class RainStream:
         close = getattr(self._gen, "close", None)
         if close is not None:
             close()
-
-
-class _TextEmitter:
-    """Turns growing token ids into text deltas that never need taking back."""
-
-    def __init__(self, backend: LanguageModel, stops: tuple[str, ...]) -> None:
-        self.backend = backend
-        self.stops = stops
-        self.emitted = ""
-        self.hit_stop = False
-
-    def text_of(self, ids: list[int]) -> str:
-        text = self.backend.decode(ids)
-        cut = min((text.find(s) for s in self.stops if s in text), default=-1)
-        if cut >= 0:
-            self.hit_stop = True
-            text = text[:cut]
-        return text
-
-    def push(self, ids: list[int], final: bool) -> str:
-        text = self.text_of(ids)
-        if not final and not self.hit_stop:
-            # Hold back what a stop string spanning commits could still remove,
-            # and a trailing half-decoded character.
-            hold = max((len(s) - 1 for s in self.stops), default=0)
-            visible = text[: len(text) - hold] if hold else text
-            visible = visible.rstrip("\ufffd")
-        else:
-            visible = text
-        if len(visible) <= len(self.emitted):
-            return ""
-        delta = visible[len(self.emitted) :]
-        self.emitted = visible
-        return delta
 
 
 class RainEngine:
@@ -274,8 +241,9 @@ class RainEngine:
         rub = self.resolve_rubric(rubric)
         msgs = normalize_messages(messages)
         prompt_ids = self._render(msgs)
+        request = RainRequest(self.backend, prompt_ids, cfg, cancel=cancel)
         holder: dict[str, Any] = {}
-        gen = self._run(msgs, prompt_ids, rub, cfg, on_event, cancel, grammar, holder)
+        gen = self._run(request, msgs, rub, on_event, grammar, holder)
         return RainStream(gen, holder)
 
     def generate(
@@ -305,142 +273,61 @@ class RainEngine:
 
     def _run(
         self,
+        request: RainRequest,
         msgs: list[dict[str, str]],
-        prompt_ids: list[int],
         rubric: Rubric,
-        cfg: RainConfig,
         on_event: EventHandler | None,
-        cancel: threading.Event | None,
         grammar: Grammar | None,
         holder: dict[str, Any],
     ) -> Iterator[Commit]:
+        """The search over one request, its commits yielded; the result into ``holder``."""
         started = time.perf_counter()
-        if cancel is not None and cancel.is_set():
-            raise RainCancelled("the RAIN search was cancelled by its caller")
-        cfg = self._fit_window(cfg, len(prompt_ids))
-        session = self.evaluator.session(
-            rubric, conversation_text(msgs), reuse=cfg.reuse_cache, cancel=cancel
-        )
-        needs_embedder = cfg.similarity_update or cfg.dynamic_addition
-        ctx = SearchContext(
-            backend=self.backend,
-            session=session,
-            config=cfg,
-            prompt_ids=prompt_ids,
-            embedder=self.embedder if needs_embedder else None,
-            on_event=on_event,
-            cancel=cancel,
-            grammar=grammar,
-        )
-        emitter = _TextEmitter(self.backend, cfg.stop)
-        pinned: list[int] = []  # pinned only once pin() returned: unpin only what we pinned
-        trace: list[dict[str, Any]] = []
-        try:
-            if cfg.reuse_cache:
-                ctx.check_cancel()
-                self.backend.pin(prompt_ids)
-                pinned = list(prompt_ids)
-            for commit, ids in run_search(ctx):
-                ctx.committed.extend(ids)
-                self._check_finish(ctx, ids, emitter)
-                commit.text = emitter.push(
-                    self._answer_ids(ctx), final=ctx.finish_reason is not None
-                )
-                trace.append(commit.to_dict())
-                ctx.emit("commit", commit.to_dict())
-                if cfg.reuse_cache and ctx.finish_reason is None:
-                    ctx.check_cancel()
-                    new = prompt_ids + ctx.committed
-                    self.backend.pin(new)  # built from the previous pin: only new tokens run
-                    self.backend.unpin(pinned)
-                    pinned = new
-                    ctx.check_cancel()
-                    session.committed(ctx.committed)
-                yield commit
-            if ctx.finish_reason is None:
-                # A budget ran out: finish greedily to a clean stop.
-                tail = self._finish_greedily(ctx)
-                commit = Commit(
-                    index=ctx.stats.commits,
-                    token_ids=tail,
-                    text="",
-                    iterations=0,
-                    visits=0.0,
-                    value=0.0,
-                    greedy_agrees=True,
-                    candidates=[],
-                    forced=f"{ctx.stats.budget_exhausted}: greedy to a clean stop",
-                )
-                ctx.committed.extend(tail)
-                self._check_finish(ctx, tail, emitter)
-                ctx.finish_reason = ctx.finish_reason or "budget"
-                commit.text = emitter.push(self._answer_ids(ctx), final=True)
-                trace.append(commit.to_dict())
-                ctx.emit("commit", commit.to_dict())
-                yield commit
-            answer = self._answer_ids(ctx)
-            text = emitter.text_of(answer)
-            if answer:
-                ctx.check_cancel()
-                with ctx.timed("evaluation"):
-                    ctx.stats.final_score = session.score(answer, text).score
-            holder["result"] = RainResult(
-                text=text,
-                token_ids=answer,
-                prompt_tokens=len(prompt_ids),
-                completion_tokens=len(answer),
-                rubric=rubric.name,
-                model_name=self.model_name,
-                finish_reason=ctx.finish_reason or "stop",
-                stats=ctx.stats,
-                trace=trace,
-                elapsed_s=time.perf_counter() - started,
+        cfg = request.config
+        request.check_cancel()
+        with request:  # releases the pins and the judge session, however the call ends
+            session = self.evaluator.session(
+                rubric, conversation_text(msgs), reuse=cfg.reuse_cache, cancel=request.cancel
             )
-        finally:
-            if pinned:
-                self.backend.unpin(pinned)
-            session.close()
+            request.start(session)
+            needs_embedder = cfg.similarity_update or cfg.dynamic_addition
+            inputs = SearchInputs(
+                model=self.backend,
+                session=session,
+                config=cfg,
+                embedder=self.embedder if needs_embedder else None,
+                grammar=grammar,
+                on_event=on_event,
+            )
+            ctx = SearchContext(inputs, request)
+            for commit in run_search(ctx):
+                ctx.emit("commit", commit.to_dict())
+                yield commit
+            trace = [c.to_dict() for c in ctx.state.commits]
+            holder["result"] = self._result(request, rubric.name, ctx.stats, trace, started)
 
-    def _fit_window(self, cfg: RainConfig, prompt_len: int) -> RainConfig:
-        room = self.context_window - prompt_len
-        return cfg if cfg.max_new_tokens <= room else cfg.merged(max_new_tokens=room)
-
-    def _answer_ids(self, ctx: SearchContext) -> list[int]:
-        out: list[int] = []
-        for t in ctx.committed:
-            if t in self.backend.stop_token_ids:
-                break
-            out.append(t)
-        return out
-
-    def _check_finish(self, ctx: SearchContext, new_ids: list[int], emitter: _TextEmitter) -> None:
-        stop_ids = self.backend.stop_token_ids
-        emitter.text_of(self._answer_ids(ctx))  # sets hit_stop, even for an empty text
-        # A stop string that ends the text before an end-of-text token is the reason.
-        if emitter.hit_stop:
-            ctx.finish_reason = "stop_string"
-        elif any(t in stop_ids for t in new_ids):
-            ctx.finish_reason = "stop"
-        elif len(ctx.committed) >= ctx.config.max_new_tokens:
-            ctx.finish_reason = "length"
-
-    def _finish_greedily(self, ctx: SearchContext) -> list[int]:
-        ctx.check_cancel()
-        room = ctx.config.max_new_tokens - len(ctx.committed)
-        if room <= 0:
-            return []
-        request = SampleRequest(
-            tuple(ctx.prompt_ids + ctx.committed),
-            1,
-            room,
-            temperature=0.0,
-            stop_after=_SENTENCE_END,
-            grammar=ctx.grammar,
-            response_start=len(ctx.prompt_ids),
-            reuse=ctx.reuse,
+    def _result(
+        self,
+        request: RainRequest,
+        rubric: str,
+        stats: SearchStats,
+        trace: list[dict[str, Any]],
+        started: float,
+        mode: str = "rain",
+    ) -> RainResult:
+        answer = request.answer()
+        return RainResult(
+            text=request.text(),
+            token_ids=answer,
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=len(answer),
+            rubric=rubric,
+            model_name=self.model_name,
+            finish_reason=request.finish_reason or "stop",
+            stats=stats,
+            trace=trace,
+            elapsed_s=time.perf_counter() - started,
+            mode=mode,
         )
-        ((cont,),) = self.backend.sample([request], cancel=ctx.cancel)
-        return cont.token_ids
 
     # --- vanilla decoding ------------------------------------------------------------------
     def vanilla(
@@ -450,48 +337,27 @@ class RainEngine:
         config: RainConfig | Mapping[str, Any] | None = None,
         **overrides: Any,
     ) -> RainResult:
-        """Plain decoding on the same backend: greedy, or sampled if ``temperature`` > 0."""
+        """Plain decoding on the same backend: greedy, or sampled if ``temperature`` > 0.
+
+        The answer ends by the same rules as RAIN's (:mod:`shared_core.request`).
+        """
         started = time.perf_counter()
         cfg = self.resolve_config(config, **overrides)
         msgs = normalize_messages(messages)
-        prompt_ids = self._render(msgs)
-        cfg = self._fit_window(cfg, len(prompt_ids))
-        emitter = _TextEmitter(self.backend, cfg.stop)
-        request = SampleRequest(
-            tuple(prompt_ids),
-            1,
-            cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            seed=cfg.seed,
-            stop_strings=cfg.stop,
-            reuse=cfg.reuse_cache,
-        )
-        ((cont,),) = self.backend.sample([request])
-        stop_ids = self.backend.stop_token_ids
-        answer: list[int] = []
-        for t in cont.token_ids:
-            if t in stop_ids:
-                break
-            answer.append(t)
-        text = emitter.text_of(answer)
-        if any(t in stop_ids for t in cont.token_ids):
-            reason = "stop"
-        elif emitter.hit_stop:
-            reason = "stop_string"
-        else:
-            reason = "length"
-        return RainResult(
-            text=text,
-            token_ids=answer,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=len(answer),
-            rubric="",
-            model_name=self.model_name,
-            finish_reason=reason,
-            stats=SearchStats(),
-            elapsed_s=time.perf_counter() - started,
-            mode="vanilla",
-        )
+        with RainRequest(self.backend, self._render(msgs), cfg) as request:
+            cfg = request.config
+            ask = SampleRequest(
+                tuple(request.prompt_ids),
+                1,
+                cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                seed=cfg.seed,
+                stop_strings=cfg.stop,
+                reuse=cfg.reuse_cache,
+            )
+            ((cont,),) = self.backend.sample([ask])
+            request.commit(cont.token_ids)
+            return self._result(request, "", SearchStats(), [], started, mode="vanilla")
 
     # --- the judge alone -------------------------------------------------------------------
     def self_evaluate(
@@ -500,10 +366,9 @@ class RainEngine:
         """Score ``response`` to ``messages`` by the rubric, as the search would."""
         msgs = normalize_messages(messages)
         session = self.evaluator.session(self.resolve_rubric(rubric), conversation_text(msgs))
-        try:
+        with RainRequest(self.backend, (), self.config) as request:
+            request.start(session, pin_prompt=False)  # the request closes the session
             return session.score(self.backend.encode(response), response)
-        finally:
-            session.close()
 
 
 _ENGINES: dict[tuple[str, str | None], RainEngine] = {}

@@ -9,9 +9,8 @@ reached only through the protocol of :class:`~shared_core.models.protocol.Langua
 from __future__ import annotations
 
 import math
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,19 +21,27 @@ from shared_core.embeddings import Embedder
 from shared_core.errors import RainCancelled
 from shared_core.evaluation import EvalSession, Judgement
 from shared_core.models.protocol import Grammar, LanguageModel, SampleRequest, TopTokensRequest
+from shared_core.request import RainRequest, until_stop
 from shared_core.tree import Node, Tree, path_tokens
 
 __all__ = [
     "Commit",
     "RainCancelled",
     "SearchContext",
+    "SearchInputs",
+    "SearchState",
     "SearchStats",
     "backup",
     "choose_commit",
+    "commit",
     "dynamic_addition",
     "expand",
+    "finish_greedily",
+    "iterate",
+    "judge_answer",
     "puct_score",
     "run_search",
+    "search_root",
     "select",
     "select_child",
     "should_commit",
@@ -43,6 +50,9 @@ __all__ = [
 ]
 
 EventHandler = Callable[[str, dict[str, Any]], None]
+
+_SENTENCE_END = (".", "!", "?", "\n")
+"""Where the greedy finish after a spent budget stops: a clean end of sentence."""
 
 
 @dataclass
@@ -83,12 +93,12 @@ class SearchStats:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Commit:
-    """One committed token set, as the stream yields it."""
+    """One committed token set, as the stream yields it (built by :func:`_record` only)."""
 
     index: int
-    token_ids: list[int]
+    token_ids: tuple[int, ...]
     text: str
     """Text this commit adds to the answer (held back near a possible stop string)."""
     iterations: int
@@ -97,7 +107,7 @@ class Commit:
     value: float
     greedy_agrees: bool
     """Whether greedy decoding would have chosen the same set."""
-    candidates: list[dict[str, Any]]
+    candidates: tuple[dict[str, Any], ...]
     """The root's children when the commit was decided: text, p, n, v, greedy."""
     forced: str | None = None
     """Why the commit skipped the normal rule (a budget), if it did."""
@@ -106,64 +116,95 @@ class Commit:
         return {
             "index": self.index,
             "text": self.text,
-            "token_ids": self.token_ids,
+            "token_ids": list(self.token_ids),
             "iterations": self.iterations,
             "visits": round(self.visits, 4),
             "value": round(self.value, 4),
             "greedy_agrees": self.greedy_agrees,
             "differs_from_greedy": not self.greedy_agrees,
-            "candidates": self.candidates,
+            "candidates": [dict(c) for c in self.candidates],
             "forced": self.forced,
         }
 
 
-@dataclass
-class SearchContext:
-    """Everything one request's search needs; nothing in it is shared state."""
+@dataclass(frozen=True)
+class SearchInputs:
+    """What one search is given; the search never changes it."""
 
-    backend: LanguageModel
+    model: LanguageModel
     session: EvalSession
+    """The judge, for this request and rubric."""
     config: RainConfig
-    prompt_ids: list[int]
     embedder: Embedder | None = None
-    on_event: EventHandler | None = None
-    cancel: threading.Event | None = None
+    """Sentence embeddings, for similarity updates and dynamic addition."""
     grammar: Grammar | None = None
     """Restricts every token the search picks (e.g. to JSON of a schema)."""
-    committed: list[int] = field(default_factory=list)
+    on_event: EventHandler | None = None
+
+
+@dataclass
+class SearchState:
+    """What the search changes as it runs; one per request, never shared."""
+
+    rng: np.random.Generator
+    """Draws one seed per model call: a fixed config seed gives a fixed search."""
     stats: SearchStats = field(default_factory=SearchStats)
-    rng: np.random.Generator = field(init=False)
     started: float = field(default_factory=time.perf_counter)
-    finish_reason: str | None = None
     judgements: dict[tuple[int, ...], Judgement] = field(default_factory=dict)
     """Scores by response, so an identical rollout is not judged twice (reference code)."""
-    _last_path: list[Node] = field(default_factory=list)
+    last_path: list[Node] = field(default_factory=list)
+    commits: list[Commit] = field(default_factory=list)
+    """Every commit so far (their dicts are the trace)."""
 
-    def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.config.seed)
+
+class SearchContext:
+    """One request's search: its inputs, its request (the committed answer, the rules that
+    end it, cancellation), and its mutable state."""
+
+    def __init__(self, inputs: SearchInputs, request: RainRequest) -> None:
+        self.inputs = inputs
+        self.request = request
+        self.state = SearchState(rng=np.random.default_rng(inputs.config.seed))
+
+    # Short names for what every step reads.
+    @property
+    def model(self) -> LanguageModel:
+        return self.inputs.model
+
+    @property
+    def config(self) -> RainConfig:
+        return self.inputs.config
+
+    @property
+    def stats(self) -> SearchStats:
+        return self.state.stats
 
     @property
     def reuse(self) -> bool:
         return self.config.reuse_cache
 
     def check_cancel(self) -> None:
-        if self.cancel is not None and self.cancel.is_set():
-            raise RainCancelled("the RAIN search was cancelled by its caller")
+        self.request.check_cancel()
 
     def seed(self) -> int:
         """A fresh seed for one model call, from the search's own generator."""
-        return int(self.rng.integers(0, 2**63 - 1))
+        return int(self.state.rng.integers(0, 2**63 - 1))
+
+    def prefix(self, path: list[Node], extra: list[int] | None = None) -> tuple[int, ...]:
+        """The model's input at the end of ``path``: prompt + committed + path (+ extra)."""
+        req = self.request
+        return (*req.prompt_ids, *req.committed, *path_tokens(path), *(extra or ()))
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
-        if self.on_event is not None:
-            self.on_event(kind, data)
+        if self.inputs.on_event is not None:
+            self.inputs.on_event(kind, data)
 
     def timed(self, key: str) -> _Timer:
         return _Timer(self.stats.breakdown_s, key)
 
     def room(self, path: list[Node]) -> int:
         """Tokens the answer may still take after ``path``."""
-        return self.config.max_new_tokens - len(self.committed) - len(path_tokens(path))
+        return self.request.room(len(path_tokens(path)))
 
 
 class _Timer:
@@ -214,19 +255,10 @@ def select(tree: Tree, config: RainConfig) -> list[Node]:
 
 
 def _make_node(ctx: SearchContext, path: list[Node], tokens: list[int], logp: float) -> Node:
-    stop_ids = ctx.backend.stop_token_ids
     node = Node(tuple(tokens), raw_prob=math.exp(logp))
-    ends = bool(tokens) and tokens[-1] in stop_ids
-    full = len(ctx.committed) + len(path_tokens(path)) + len(tokens) >= ctx.config.max_new_tokens
-    node.terminal = ends or full or _hits_stop_string(ctx, path_tokens(path) + tokens)
+    # Terminal: the answer's own end rules (stop token, stop string, length) end it here.
+    node.terminal = ctx.request.end_reason(path_tokens(path) + tokens) is not None
     return node
-
-
-def _hits_stop_string(ctx: SearchContext, uncommitted: list[int]) -> bool:
-    if not ctx.config.stop:
-        return False
-    text = ctx.backend.decode(ctx.committed + uncommitted)
-    return any(s in text for s in ctx.config.stop)
 
 
 def _candidate_sets(
@@ -234,14 +266,15 @@ def _candidate_sets(
 ) -> list[tuple[list[int], float, bool]]:
     """Distinct token sets after ``path``: (tokens, log-prob, is_greedy)."""
     ctx.check_cancel()  # before every model call: after a cancel no new one starts
-    prefix = tuple(ctx.prompt_ids + ctx.committed + path_tokens(path))
-    start = len(ctx.prompt_ids)
+    prefix = ctx.prefix(path)
+    start = len(ctx.request.prompt_ids)
+    grammar, cancel = ctx.inputs.grammar, ctx.request.cancel
     if length == 1:
         # One-token sets: the top-k tokens of the next-token distribution.
-        request = TopTokensRequest(
-            prefix, n + len(exclude), grammar=ctx.grammar, response_start=start, reuse=ctx.reuse
+        ask = TopTokensRequest(
+            prefix, n + len(exclude), grammar=grammar, response_start=start, reuse=ctx.reuse
         )
-        (top,) = ctx.backend.top_tokens([request], cancel=ctx.cancel)
+        (top,) = ctx.model.top_tokens([ask], cancel=cancel)
         out = []
         for rank, (tok, logp) in enumerate(zip(top.token_ids, top.logprobs, strict=True)):
             if (tok,) in exclude:
@@ -260,11 +293,11 @@ def _candidate_sets(
         top_k=cfg.expansion_top_k,
         seed=ctx.seed(),
         greedy_rows=1 if greedy else 0,
-        grammar=ctx.grammar,
+        grammar=grammar,
         response_start=start,
         reuse=ctx.reuse,
     )
-    (conts,) = ctx.backend.sample([sample], cancel=ctx.cancel)
+    (conts,) = ctx.model.sample([sample], cancel=cancel)
     out, seen = [], set(exclude)
     for row, cont in enumerate(conts):
         tokens = tuple(cont.token_ids)
@@ -299,58 +332,48 @@ def simulate(ctx: SearchContext, path: list[Node]) -> list[int]:
     """Extend the end of ``path`` with sampled tokens to the end of the current clause."""
     cfg = ctx.config
     leaf = path[-1]
-    tokens = ctx.committed + path_tokens(path)
     budget = min(cfg.simulation_max_tokens, ctx.room(path))
     if not cfg.simulate or leaf.terminal or budget <= 0:
         return []
-    if tokens and _ends_clause(ctx, list(leaf.token_ids) or tokens[-1:]):
+    last = list(leaf.token_ids) or ctx.request.committed[-1:]
+    if last and _ends_clause(ctx, last):
         # The clause under way ended inside this token set (or just before it):
         # the judge already sees a complete clause.
         return []
     ctx.check_cancel()
     with ctx.timed("simulation"):
-        request = SampleRequest(
-            tuple(ctx.prompt_ids + tokens),
+        ask = SampleRequest(
+            ctx.prefix(path),
             1,
             budget,
             temperature=cfg.simulation_temperature,
             top_k=cfg.simulation_top_k,
             seed=ctx.seed(),
             stop_after=cfg.clause_delimiters,
-            grammar=ctx.grammar,
-            response_start=len(ctx.prompt_ids),
+            grammar=ctx.inputs.grammar,
+            response_start=len(ctx.request.prompt_ids),
             reuse=ctx.reuse,
         )
-        ((cont,),) = ctx.backend.sample([request], cancel=ctx.cancel)
+        ((cont,),) = ctx.model.sample([ask], cancel=ctx.request.cancel)
     return cont.token_ids
 
 
 def _ends_clause(ctx: SearchContext, tokens: list[int]) -> bool:
     """Whether one of ``tokens``, read alone, contains a clause delimiter."""
     delimiters = ctx.config.clause_delimiters
-    return any(d in ctx.backend.decode([t]) for t in tokens for d in delimiters)
-
-
-def _response(ctx: SearchContext, tokens: list[int]) -> list[int]:
-    stop = ctx.backend.stop_token_ids
-    out = []
-    for t in tokens:
-        if t in stop:
-            break
-        out.append(t)
-    return out
+    return any(d in ctx.model.decode([t]) for t in tokens for d in delimiters)
 
 
 def evaluate(ctx: SearchContext, path: list[Node], rollout: list[int]) -> Judgement:
     """Self-evaluate committed + path + rollout by the rubric."""
-    response = _response(ctx, ctx.committed + path_tokens(path) + rollout)
+    response = ctx.request.answer(path_tokens(path) + rollout)
     key = tuple(response)
-    found = ctx.judgements.get(key)
+    found = ctx.state.judgements.get(key)
     if found is None:
         ctx.check_cancel()
         with ctx.timed("evaluation"):
-            found = ctx.session.score(response, ctx.backend.decode(response))
-        ctx.judgements[key] = found
+            found = ctx.inputs.session.score(response, ctx.model.decode(response))
+        ctx.state.judgements[key] = found
     return found
 
 
@@ -384,15 +407,17 @@ def similarity_update(
     """
     cfg = ctx.config
     nodes = path[1:]
-    if not nodes or ctx.embedder is None:
+    embedder = ctx.inputs.embedder
+    if not nodes or embedder is None:
         return 0
     tail = list(rollout)
+    stops = ctx.model.stop_token_ids
     texts = []
     for i in range(len(nodes)):
         ids = [t for n in nodes[i:] for t in n.token_ids] + tail
-        texts.append(ctx.backend.decode(_response(ctx, ids)))
+        texts.append(ctx.model.decode(until_stop(ids, stops)))
     with ctx.timed("embeddings"):
-        vectors = ctx.embedder.encode(texts)
+        vectors = embedder.encode(texts)
     for node, vec in zip(nodes, vectors, strict=True):
         node.update_embedding(vec)
     updated = 0
@@ -482,13 +507,13 @@ def iterate(ctx: SearchContext, tree: Tree) -> Judgement:
 
 
 def _count_rewind(ctx: SearchContext, path: list[Node]) -> None:
-    last = ctx._last_path
+    last = ctx.state.last_path
     # A rewind: this iteration does not continue down the branch explored last.
     diverged = any(a is not b for a, b in zip(last[1:], path[1:], strict=False))
     if diverged:
         ctx.stats.rewinds += 1
         ctx.emit("rewind", {"iteration": ctx.stats.iterations + 1, "depth": len(path) - 1})
-    ctx._last_path = path
+    ctx.state.last_path = path
 
 
 # --- the commit rule -------------------------------------------------------------------------
@@ -520,7 +545,7 @@ def _greedy_ready(root: Node, config: RainConfig) -> Node | None:
 
 def _budget_left(ctx: SearchContext) -> str | None:
     cfg = ctx.config
-    if cfg.max_time_s is not None and time.perf_counter() - ctx.started >= cfg.max_time_s:
+    if cfg.max_time_s is not None and time.perf_counter() - ctx.state.started >= cfg.max_time_s:
         return "max_time_s"
     if cfg.max_iterations is not None and ctx.stats.iterations >= cfg.max_iterations:
         return "max_iterations"
@@ -529,10 +554,10 @@ def _budget_left(ctx: SearchContext) -> str | None:
     return None
 
 
-def _describe(ctx: SearchContext, root: Node) -> list[dict[str, Any]]:
-    return [
+def _describe(ctx: SearchContext, root: Node) -> tuple[dict[str, Any], ...]:
+    return tuple(
         {
-            "text": ctx.backend.decode(c.token_ids),
+            "text": ctx.model.decode(c.token_ids),
             "token_ids": list(c.token_ids),
             "p": round(c.prior, 4),
             "n": round(c.visits, 3),
@@ -540,58 +565,126 @@ def _describe(ctx: SearchContext, root: Node) -> list[dict[str, Any]]:
             "greedy": c.is_greedy,
         }
         for c in root.children
-    ]
+    )
 
 
 # --- the outer loop ----------------------------------------------------------------------------
 
 
-def run_search(ctx: SearchContext) -> Iterator[tuple[Commit, list[int]]]:
-    """Search and commit token sets until the answer ends.
+def search_root(ctx: SearchContext, tree: Tree) -> tuple[Node | None, int, str | None]:
+    """Iterate on the current root until the commit rule (or a budget) says stop.
 
-    Yields each commit with the token ids of the committed set; the caller
-    appends them to ``ctx.committed``, handles stop tokens and stop strings, and
-    sets ``ctx.finish_reason`` when the answer ends (the engine does this).
+    Returns the child to commit (``None``: a budget ran out before the root had
+    children), the iterations spent, and the budget that ran out, if one did.
+    """
+    iterations = 0
+    while True:
+        forced = _budget_left(ctx)
+        if forced is not None:
+            ctx.stats.budget_exhausted = forced
+            chosen = choose_commit(tree.root) if tree.root.children else None
+            return chosen, iterations, forced
+        iterate(ctx, tree)
+        iterations += 1
+        early = _greedy_ready(tree.root, ctx.config)
+        if early is not None:
+            return early, iterations, None
+        if should_commit(tree.root, iterations, ctx.config):
+            return choose_commit(tree.root), iterations, None
+
+
+def _record(
+    ctx: SearchContext,
+    token_ids: Sequence[int],
+    text: str,
+    iterations: int,
+    node: Node | None,
+    candidates: tuple[dict[str, Any], ...],
+    forced: str | None,
+) -> Commit:
+    """The one place a :class:`Commit` is built (``node``: the committed child, if any)."""
+    return Commit(
+        index=len(ctx.state.commits),
+        token_ids=tuple(token_ids),
+        text=text,
+        iterations=iterations,
+        visits=node.visits if node is not None else 0.0,
+        value=node.value if node is not None else 0.0,
+        greedy_agrees=node.is_greedy if node is not None else True,
+        candidates=candidates,
+        forced=forced,
+    )
+
+
+def commit(
+    ctx: SearchContext, tree: Tree, chosen: Node, iterations: int, forced: str | None
+) -> Commit:
+    """Commit ``chosen``: the answer grows by its tokens and it becomes the new root."""
+    with ctx.timed("commit"):
+        candidates = _describe(ctx, tree.root)
+        chosen.parent = None
+        tree.root = chosen  # its subtree is kept for the next commit
+        text = ctx.request.commit(chosen.token_ids)
+    ctx.stats.commits += 1
+    if not chosen.is_greedy:
+        ctx.stats.overrides += 1
+    ctx.state.last_path = []
+    record = _record(ctx, chosen.token_ids, text, iterations, chosen, candidates, forced)
+    ctx.state.commits.append(record)
+    return record
+
+
+def finish_greedily(ctx: SearchContext) -> Commit:
+    """A budget ran out: decode greedily to the end of the sentence and commit that."""
+    ctx.check_cancel()
+    request = ctx.request
+    tail: list[int] = []
+    if request.room() > 0:
+        ask = SampleRequest(
+            ctx.prefix([]),
+            1,
+            request.room(),
+            temperature=0.0,
+            stop_after=_SENTENCE_END,
+            grammar=ctx.inputs.grammar,
+            response_start=len(request.prompt_ids),
+            reuse=ctx.reuse,
+        )
+        ((cont,),) = ctx.model.sample([ask], cancel=request.cancel)
+        tail = cont.token_ids
+    text = request.commit(tail, otherwise="budget")
+    forced = f"{ctx.stats.budget_exhausted}: greedy to a clean stop"
+    record = _record(ctx, tail, text, 0, None, (), forced)
+    ctx.state.commits.append(record)
+    return record
+
+
+def judge_answer(ctx: SearchContext) -> None:
+    """Score the finished answer by the rubric (``stats.final_score``)."""
+    answer = ctx.request.answer()
+    if answer:
+        ctx.check_cancel()
+        with ctx.timed("evaluation"):
+            text = ctx.request.text()
+            ctx.stats.final_score = ctx.inputs.session.score(answer, text).score
+
+
+def run_search(ctx: SearchContext) -> Iterator[Commit]:
+    """Search and commit token sets until the answer ends; yields each commit.
+
+    The request owns the answer: each commit is appended to it, and it decides
+    when the answer ends (stop token, stop string, length). When a budget runs
+    out the answer is finished greedily to a clean stop. Last, the finished
+    answer is judged once more for ``stats.final_score``.
     """
     tree = Tree()
-    index = 0
-    while ctx.finish_reason is None:
-        new_iterations = 0
-        forced = None
-        chosen: Node | None = None
-        while True:
-            forced = _budget_left(ctx)
-            if forced is not None:
-                ctx.stats.budget_exhausted = forced
-                break
-            iterate(ctx, tree)
-            new_iterations += 1
-            chosen = _greedy_ready(tree.root, ctx.config)
-            if chosen is not None or should_commit(tree.root, new_iterations, ctx.config):
-                break
-        if forced is not None and not tree.root.children:
-            break  # nothing searched on this root: the engine finishes greedily
+    while not ctx.request.finished:
+        chosen, iterations, forced = search_root(ctx, tree)
         if chosen is None:
-            chosen = choose_commit(tree.root)
-        with ctx.timed("commit"):
-            commit = Commit(
-                index=index,
-                token_ids=list(chosen.token_ids),
-                text="",
-                iterations=new_iterations,
-                visits=chosen.visits,
-                value=chosen.value,
-                greedy_agrees=chosen.is_greedy,
-                candidates=_describe(ctx, tree.root),
-                forced=forced,
-            )
-            chosen.parent = None
-            tree.root = chosen  # its subtree is kept for the next commit
-        index += 1
-        ctx.stats.commits += 1
-        if not chosen.is_greedy:
-            ctx.stats.overrides += 1
-        ctx._last_path = []
-        yield commit, list(chosen.token_ids)
+            break  # nothing searched on this root: finish greedily
+        yield commit(ctx, tree, chosen, iterations, forced)
         if forced is not None:
             break
+    if not ctx.request.finished:
+        yield finish_greedily(ctx)
+    judge_answer(ctx)

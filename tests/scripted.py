@@ -34,8 +34,9 @@ from shared_core.models.scripted import (
     ScriptedLM,
     choice_table,
 )
+from shared_core.request import RainRequest
 from shared_core.rubric import Rubric, get_rubric
-from shared_core.search import SearchContext
+from shared_core.search import SearchContext, SearchInputs
 
 __all__ = [
     "EOS",
@@ -145,10 +146,10 @@ def make_context(
 ) -> SearchContext:
     """A search context over the scripted model, as the engine would build it."""
     prompt_ids = lm.encode(lm.render_chat([{"role": "user", "content": prompt}]))
-    return SearchContext(
-        backend=lm,
+    inputs = SearchInputs(
+        model=lm,
         session=evaluator.session(get_rubric("harmless"), prompt),
         config=config,
-        prompt_ids=prompt_ids,
         embedder=embedder,
     )
+    return SearchContext(inputs, RainRequest(lm, prompt_ids, config))

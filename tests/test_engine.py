@@ -165,13 +165,13 @@ def test_the_tiny_engine_fixture_runs_with_the_shared_quick_config(
 def test_streamed_text_never_shows_half_characters_or_takes_text_back(
     engine: RainEngine, stops: tuple[str, ...]
 ) -> None:
-    from shared_core.engine import _TextEmitter
+    from shared_core.request import TextEmitter
 
     # Byte-level BPE splits the emoji and accented letters over several tokens.
     text = "Café 🙂 naïve — 東京 ok"
     ids = engine.backend.encode(text)
     assert engine.backend.decode(ids) == text and len(ids) > len(text.split())
-    emitter = _TextEmitter(engine.backend, stops)
+    emitter = TextEmitter(engine.backend, stops)
     deltas = [emitter.push(ids[: i + 1], final=False) for i in range(len(ids) - 1)]
     deltas.append(emitter.push(ids, final=True))
     assert "".join(deltas) == text
@@ -212,6 +212,31 @@ def test_length_limit_and_end_of_text_finish_reasons() -> None:
     short = _scripted_engine("ok.")
     result = short.generate("hi", config=_full_config())
     assert (result.text, result.finish_reason) == ("ok.", "stop")
+
+
+@pytest.mark.parametrize(
+    ("answer", "settings", "reason", "text"),
+    [
+        ("ok.", {}, "stop", "ok."),
+        ("hello world. bye.", {"stop": ("world",)}, "stop_string", "hello "),
+        # The stop string and the end of text can land in one committed set: the
+        # stop string is what cut the text, so it is the reason (one documented order).
+        ("say world", {"stop": ("world",)}, "stop_string", "say "),
+        ("abcdefghijkl.", {"max_new_tokens": 4}, "length", "abcd"),
+    ],
+)
+def test_vanilla_rain_and_streaming_end_an_answer_by_the_same_rules(
+    answer: str, settings: dict[str, Any], reason: str, text: str
+) -> None:
+    engine = _scripted_engine(answer)
+    cfg = _full_config(**{"max_new_tokens": 16, "token_set_lengths": (1, 4), **settings})
+    rain = engine.generate("hi", config=cfg)
+    plain = engine.vanilla("hi", config=cfg)
+    stream = engine.stream("hi", config=cfg)
+    streamed = "".join(c.text for c in stream)
+    assert (rain.finish_reason, rain.text) == (reason, text)
+    assert (plain.finish_reason, plain.text) == (reason, text)
+    assert (stream.result.finish_reason, streamed) == (reason, text)
 
 
 def test_the_answer_is_clipped_to_the_room_left_in_the_context_window() -> None:

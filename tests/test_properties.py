@@ -244,19 +244,21 @@ def test_search_commits_follow_the_rule_for_any_scores(
     evaluator = ScriptedEvaluator(lambda _: scores[next(counter) % len(scores)])
     ctx = make_context(_random_lm(), evaluator, config, embedder=_BucketEmbedder([0.0, 0.1]))
     answer: list[int] = []
-    for commit, ids in run_search(ctx):
-        ctx.committed.extend(ids)
-        answer.extend(ids)
+    for commit in run_search(ctx):
+        answer.extend(commit.token_ids)
+        if commit.forced is not None and not commit.candidates:
+            continue  # the greedy finish after a spent budget (none is set here)
         kids = commit.candidates
         assert kids, "a commit always chooses among searched children"
         assert all(k["n"] >= 0 and -1.0 - EPS <= k["v"] <= 1.0 + EPS for k in kids)
-        chosen = [k for k in kids if k["token_ids"] == commit.token_ids]
+        chosen = [k for k in kids if tuple(k["token_ids"]) == commit.token_ids]
         assert len(chosen) == 1, "the committed set is one of the root's children"
         assert chosen[0]["n"] >= max(k["n"] for k in kids) - 1e-3, "the most visited child"
-        if len(answer) >= config.max_new_tokens or ctx.backend.stop_token_ids & set(ids):
-            ctx.finish_reason = "stop"
     assert ctx.stats.nodes >= 1 and ctx.stats.iterations >= 1
     assert len(answer) <= config.max_new_tokens
+    # The request ended the answer by one of its rules, at the first commit that met it.
+    assert ctx.request.committed == answer and ctx.request.finish_reason in {"stop", "length"}
+    assert ctx.request.end_reason() == ctx.request.finish_reason
 
 
 @_SETTINGS
@@ -287,11 +289,13 @@ def test_every_iteration_leaves_a_consistent_tree(scores: list[float], steps: in
             chosen = choose_commit(tree.root)
             chosen.parent = None
             tree.root = chosen
-            ctx.committed.extend(chosen.token_ids)
+            ctx.request.commit(chosen.token_ids)
             new = 0
             if chosen.terminal:
+                assert ctx.request.finished
                 break
-    assert len(ctx.committed) + len(path_tokens(select(tree, config))) <= config.max_new_tokens
+    committed = ctx.request.committed
+    assert len(committed) + len(path_tokens(select(tree, config))) <= config.max_new_tokens
 
 
 # --- 3. fuzzing config and rubric parsing ------------------------------------------------
