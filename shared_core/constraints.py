@@ -1,9 +1,11 @@
 """Constrained decoding: which tokens may come next (e.g. valid JSON for a schema).
 
-The search asks the constraint before every token it chooses -- candidate token
-sets, rollouts and the greedy finish -- with the response tokens of that
-branch. Because the question carries the whole branch, a rewind needs no
-state to undo: a stateful matcher (xgrammar) rolls back to the common prefix.
+The in-process transformers backend turns a request's
+:class:`~shared_core.models.protocol.Grammar` into a :class:`JSONSchemaConstraint`
+and asks it before every token it chooses -- the search's candidate token sets,
+rollouts and greedy finish -- with the response tokens of that branch. Because
+the question carries the whole branch, a rewind of the search needs no state
+to undo: a stateful matcher (xgrammar) rolls back to the common prefix.
 """
 
 from __future__ import annotations
