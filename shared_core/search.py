@@ -20,7 +20,14 @@ from shared_core.config import RainConfig
 from shared_core.embeddings import Embedder
 from shared_core.errors import RainCancelled
 from shared_core.evaluation import EvalSession, Judgement
-from shared_core.models.protocol import Grammar, LanguageModel, SampleRequest, TopTokensRequest
+from shared_core.models.protocol import (
+    Continuation,
+    Grammar,
+    LanguageModel,
+    SampleRequest,
+    TopTokens,
+    TopTokensRequest,
+)
 from shared_core.request import RainRequest, until_stop
 from shared_core.tree import Node, Tree, path_tokens
 
@@ -31,22 +38,29 @@ __all__ = [
     "SearchInputs",
     "SearchState",
     "SearchStats",
+    "VirtualLoss",
     "backup",
     "choose_commit",
     "commit",
     "dynamic_addition",
+    "evaluate",
+    "evaluate_many",
     "expand",
+    "expand_many",
     "finish_greedily",
     "iterate",
     "judge_answer",
     "puct_score",
+    "run_round",
     "run_search",
     "search_root",
     "select",
     "select_child",
+    "select_leaves",
     "should_commit",
     "similarity_update",
     "simulate",
+    "simulate_many",
 ]
 
 EventHandler = Callable[[str, dict[str, Any]], None]
@@ -261,31 +275,24 @@ def _make_node(ctx: SearchContext, path: list[Node], tokens: list[int], logp: fl
     return node
 
 
-def _candidate_sets(
-    ctx: SearchContext, path: list[Node], length: int, n: int, greedy: bool, exclude: set
-) -> list[tuple[list[int], float, bool]]:
-    """Distinct token sets after ``path``: (tokens, log-prob, is_greedy)."""
-    ctx.check_cancel()  # before every model call: after a cancel no new one starts
+_SetAsk = tuple[list[Node], int, int, bool, set]
+"""What one expansion asks for: (path, set length, how many sets, greedy row, excluded sets)."""
+
+
+def _set_request(ctx: SearchContext, ask: _SetAsk) -> TopTokensRequest | SampleRequest:
+    """The model request of one expansion (a multi-token one draws its seed here)."""
+    path, length, n, greedy, exclude = ask
     prefix = ctx.prefix(path)
     start = len(ctx.request.prompt_ids)
-    grammar, cancel = ctx.inputs.grammar, ctx.request.cancel
+    grammar = ctx.inputs.grammar
     if length == 1:
         # One-token sets: the top-k tokens of the next-token distribution.
-        ask = TopTokensRequest(
+        return TopTokensRequest(
             prefix, n + len(exclude), grammar=grammar, response_start=start, reuse=ctx.reuse
         )
-        (top,) = ctx.model.top_tokens([ask], cancel=cancel)
-        out = []
-        for rank, (tok, logp) in enumerate(zip(top.token_ids, top.logprobs, strict=True)):
-            if (tok,) in exclude:
-                continue
-            out.append(([tok], logp, greedy and rank == 0))
-            if len(out) == n:
-                break
-        return out
     # Longer sets: one greedy run plus samples from the top-k distribution.
     cfg = ctx.config
-    sample = SampleRequest(
+    return SampleRequest(
         prefix,
         n,
         length,
@@ -297,7 +304,22 @@ def _candidate_sets(
         response_start=start,
         reuse=ctx.reuse,
     )
-    (conts,) = ctx.model.sample([sample], cancel=cancel)
+
+
+def _read_top(top: TopTokens, ask: _SetAsk) -> list[tuple[list[int], float, bool]]:
+    _, _, n, greedy, exclude = ask
+    out = []
+    for rank, (tok, logp) in enumerate(zip(top.token_ids, top.logprobs, strict=True)):
+        if (tok,) in exclude:
+            continue
+        out.append(([tok], logp, greedy and rank == 0))
+        if len(out) == n:
+            break
+    return out
+
+
+def _read_samples(conts: list[Continuation], ask: _SetAsk) -> list[tuple[list[int], float, bool]]:
+    _, _, _, greedy, exclude = ask
     out, seen = [], set(exclude)
     for row, cont in enumerate(conts):
         tokens = tuple(cont.token_ids)
@@ -308,21 +330,62 @@ def _candidate_sets(
     return out
 
 
+def _candidate_sets_many(
+    ctx: SearchContext, asks: list[_SetAsk]
+) -> list[list[tuple[list[int], float, bool]]]:
+    """Distinct token sets for several expansions: one ``top_tokens`` call for the
+    one-token ones and one ``sample`` call for the rest, each carrying all of them."""
+    ctx.check_cancel()  # before every model call: after a cancel no new one starts
+    requests = [_set_request(ctx, ask) for ask in asks]
+    cancel = ctx.request.cancel
+    tops = [(i, r) for i, r in enumerate(requests) if isinstance(r, TopTokensRequest)]
+    samples = [(i, r) for i, r in enumerate(requests) if isinstance(r, SampleRequest)]
+    out: list[list[tuple[list[int], float, bool]]] = [[] for _ in asks]
+    if tops:
+        found = ctx.model.top_tokens([r for _, r in tops], cancel=cancel)
+        for (i, _), top in zip(tops, found, strict=True):
+            out[i] = _read_top(top, asks[i])
+    if samples:
+        if tops:
+            ctx.check_cancel()
+        rows = ctx.model.sample([r for _, r in samples], cancel=cancel)
+        for (i, _), conts in zip(samples, rows, strict=True):
+            out[i] = _read_samples(conts, asks[i])
+    return out
+
+
+def _candidate_sets(
+    ctx: SearchContext, path: list[Node], length: int, n: int, greedy: bool, exclude: set
+) -> list[tuple[list[int], float, bool]]:
+    """Distinct token sets after ``path``: (tokens, log-prob, is_greedy)."""
+    return _candidate_sets_many(ctx, [(path, length, n, greedy, exclude)])[0]
+
+
 def expand(ctx: SearchContext, path: list[Node]) -> list[Node]:
     """Add candidate token sets under the leaf; set length grows with depth."""
-    leaf = path[-1]
-    length = min(ctx.config.token_set_length(leaf.depth), max(ctx.room(path), 1))
+    return expand_many(ctx, [path])[0]
+
+
+def expand_many(ctx: SearchContext, paths: list[list[Node]]) -> list[list[Node]]:
+    """:func:`expand` for several leaves, their model calls shared."""
+    asks: list[_SetAsk] = []
+    for path in paths:
+        length = min(ctx.config.token_set_length(path[-1].depth), max(ctx.room(path), 1))
+        asks.append((path, length, ctx.config.num_candidates, True, set()))
     with ctx.timed("expansion"):
-        sets = _candidate_sets(ctx, path, length, ctx.config.num_candidates, True, set())
-    sets.sort(key=lambda s: -s[1])  # by prior, so PUCT ties favour the likelier set
-    children = []
-    for tokens, logp, is_greedy in sets:
-        child = _make_node(ctx, path, tokens, logp)
-        child.is_greedy = is_greedy
-        children.append(child)
-    leaf.add_children(children)
-    ctx.stats.nodes += len(children)
-    return children
+        found = _candidate_sets_many(ctx, asks)
+    out = []
+    for path, sets in zip(paths, found, strict=True):
+        sets.sort(key=lambda s: -s[1])  # by prior, so PUCT ties favour the likelier set
+        children = []
+        for tokens, logp, is_greedy in sets:
+            child = _make_node(ctx, path, tokens, logp)
+            child.is_greedy = is_greedy
+            children.append(child)
+        path[-1].add_children(children)
+        ctx.stats.nodes += len(children)
+        out.append(children)
+    return out
 
 
 # --- 3. simulate + evaluate ------------------------------------------------------------
@@ -330,32 +393,48 @@ def expand(ctx: SearchContext, path: list[Node]) -> list[Node]:
 
 def simulate(ctx: SearchContext, path: list[Node]) -> list[int]:
     """Extend the end of ``path`` with sampled tokens to the end of the current clause."""
+    return simulate_many(ctx, [path])[0]
+
+
+def _rollout_request(ctx: SearchContext, path: list[Node]) -> SampleRequest | None:
+    """The rollout after ``path``, or ``None`` when it needs none (a seed is drawn here)."""
     cfg = ctx.config
     leaf = path[-1]
     budget = min(cfg.simulation_max_tokens, ctx.room(path))
     if not cfg.simulate or leaf.terminal or budget <= 0:
-        return []
+        return None
     last = list(leaf.token_ids) or ctx.request.committed[-1:]
     if last and _ends_clause(ctx, last):
         # The clause under way ended inside this token set (or just before it):
         # the judge already sees a complete clause.
-        return []
+        return None
+    return SampleRequest(
+        ctx.prefix(path),
+        1,
+        budget,
+        temperature=cfg.simulation_temperature,
+        top_k=cfg.simulation_top_k,
+        seed=ctx.seed(),
+        stop_after=cfg.clause_delimiters,
+        grammar=ctx.inputs.grammar,
+        response_start=len(ctx.request.prompt_ids),
+        reuse=ctx.reuse,
+    )
+
+
+def simulate_many(ctx: SearchContext, paths: list[list[Node]]) -> list[list[int]]:
+    """:func:`simulate` for several paths: every rollout in one ``sample`` call."""
+    asks = [_rollout_request(ctx, path) for path in paths]
+    wanted = [(i, a) for i, a in enumerate(asks) if a is not None]
+    out: list[list[int]] = [[] for _ in paths]
+    if not wanted:
+        return out
     ctx.check_cancel()
     with ctx.timed("simulation"):
-        ask = SampleRequest(
-            ctx.prefix(path),
-            1,
-            budget,
-            temperature=cfg.simulation_temperature,
-            top_k=cfg.simulation_top_k,
-            seed=ctx.seed(),
-            stop_after=cfg.clause_delimiters,
-            grammar=ctx.inputs.grammar,
-            response_start=len(ctx.request.prompt_ids),
-            reuse=ctx.reuse,
-        )
-        ((cont,),) = ctx.model.sample([ask], cancel=ctx.request.cancel)
-    return cont.token_ids
+        rows = ctx.model.sample([a for _, a in wanted], cancel=ctx.request.cancel)
+    for (i, _), (cont,) in zip(wanted, rows, strict=True):
+        out[i] = cont.token_ids
+    return out
 
 
 def _ends_clause(ctx: SearchContext, tokens: list[int]) -> bool:
@@ -366,15 +445,24 @@ def _ends_clause(ctx: SearchContext, tokens: list[int]) -> bool:
 
 def evaluate(ctx: SearchContext, path: list[Node], rollout: list[int]) -> Judgement:
     """Self-evaluate committed + path + rollout by the rubric."""
-    response = ctx.request.answer(path_tokens(path) + rollout)
-    key = tuple(response)
-    found = ctx.state.judgements.get(key)
-    if found is None:
+    return evaluate_many(ctx, [path], [rollout])[0]
+
+
+def evaluate_many(
+    ctx: SearchContext, paths: list[list[Node]], rollouts: list[list[int]]
+) -> list[Judgement]:
+    """:func:`evaluate` for several paths: the responses not judged before, in one batch."""
+    keys = [
+        tuple(ctx.request.answer(path_tokens(p) + r)) for p, r in zip(paths, rollouts, strict=True)
+    ]
+    known = ctx.state.judgements
+    new = list(dict.fromkeys(k for k in keys if k not in known))  # distinct, in order
+    if new:
         ctx.check_cancel()
         with ctx.timed("evaluation"):
-            found = ctx.inputs.session.score(response, ctx.model.decode(response))
-        ctx.state.judgements[key] = found
-    return found
+            found = ctx.inputs.session.score_many([(k, ctx.model.decode(k)) for k in new])
+        known.update(zip(new, found, strict=True))
+    return [known[k] for k in keys]
 
 
 # --- 4. back up ---------------------------------------------------------------------------
@@ -474,45 +562,130 @@ def dynamic_addition(ctx: SearchContext, path: list[Node]) -> int:
     return added
 
 
-# --- one iteration ---------------------------------------------------------------------------
+# --- one round: k leaves ------------------------------------------------------------------
 
 
-def iterate(ctx: SearchContext, tree: Tree) -> Judgement:
-    """One inner-loop iteration of RAIN."""
-    ctx.check_cancel()
-    path = select(tree, ctx.config)
-    leaf = path[-1]
-    # The root always grows children: the next commit is chosen among them.
-    ripe = leaf is tree.root or leaf.visits >= ctx.config.expand_after_visits
-    if leaf.is_leaf and not leaf.terminal and ripe and expand(ctx, path):
-        # Selection takes one more step, into the new children (classic MCTS:
-        # simulate from a new node), so this evaluation already scores a
-        # candidate: with greedy_early_commit a good greedy set is committed
-        # after one iteration instead of two.
-        path.append(select_child(tree, leaf, ctx.config))
-    _count_rewind(ctx, path)
-    rollout = simulate(ctx, path)
-    judgement = evaluate(ctx, path, rollout)
-    backup(tree, path, judgement.score)
+class VirtualLoss:
+    """Pending visits of a round: a selected path's nodes count one more visit at once,
+    before its score is known, so the round's next walk looks elsewhere; :meth:`undo`
+    puts every node back exactly before the real scores are backed up.
+
+    A pending visit counts with the value selection already credits the node with
+    (its mean, or ``unvisited_value`` when it has no visit yet): it shrinks the
+    node's exploration bonus and nothing else. Counting it as a loss (score -1), the
+    textbook choice for big trees, sent every second leaf of a round to a child the
+    judge had already scored -1 when the root had two likely children, and handed
+    that child the most visits, which is what the commit rule takes.
+    """
+
+    def __init__(self, tree: Tree, config: RainConfig) -> None:
+        self.tree = tree
+        self.config = config
+        self._saved: dict[Node, tuple[float, float]] = {}
+
+    def add(self, path: list[Node]) -> None:
+        tree = self.tree
+        unvisited = tree.min_value + self.config.unvisited_value * (tree.max_value - tree.min_value)
+        for node in path:
+            self._saved.setdefault(node, (node.visits, node.value))
+            if node.visits <= 0:
+                node.value = unvisited  # normalises to unvisited_value: q unchanged
+            node.visits += 1.0
+
+    def visits(self, node: Node) -> float:
+        """The node's visit count without the pending ones."""
+        return self._saved.get(node, (node.visits, 0.0))[0]
+
+    def undo(self) -> None:
+        for node, (visits, value) in self._saved.items():
+            node.visits, node.value = visits, value
+        self._saved.clear()
+
+
+def select_leaves(tree: Tree, config: RainConfig, k: int, pending: VirtualLoss) -> list[list[Node]]:
+    """``k`` walks from the root, each leaving a pending visit on its path for the
+    walks after it; returns the paths to the distinct leaves they reached.
+
+    A walk that reaches a leaf already taken is not retried: it only adds its pending
+    visit. So a round is as wide as the tree is uncertain: forcing ``k`` distinct
+    leaves out of a tree with two likely branches spent the spare walks on the branch
+    the judge had rejected (and gave it the visits the commit rule counts).
+    """
+    paths: list[list[Node]] = []
+    for walk in range(k):
+        path = select(tree, config)
+        if all(path[-1] is not p[-1] for p in paths):
+            paths.append(path)
+        if walk < k - 1:
+            pending.add(path)
+    return paths
+
+
+def grow_leaves(
+    ctx: SearchContext, tree: Tree, paths: list[list[Node]], pending: VirtualLoss
+) -> None:
+    """Expand the ripe leaves (one batch) and step each path into its new children."""
+    cfg = ctx.config
+
+    def ripe(leaf: Node) -> bool:
+        # The root always grows children: the next commit is chosen among them.
+        return leaf is tree.root or pending.visits(leaf) >= cfg.expand_after_visits
+
+    growing = [p for p in paths if p[-1].is_leaf and not p[-1].terminal and ripe(p[-1])]
+    for path, children in zip(growing, expand_many(ctx, growing), strict=True):
+        if children:
+            # Selection takes one more step, into the new children (classic MCTS:
+            # simulate from a new node), so this evaluation already scores a
+            # candidate: with greedy_early_commit a good greedy set is committed
+            # after one iteration instead of two.
+            path.append(select_child(tree, path[-1], cfg))
+
+
+def learn(
+    ctx: SearchContext, tree: Tree, path: list[Node], rollout: list[int], score: float
+) -> None:
+    """One leaf's score enters the tree: back-up, similarity update, dynamic addition."""
+    backup(tree, path, score)
     if ctx.config.similarity_update:
-        ctx.stats.similarity_updates += similarity_update(ctx, tree, path, rollout, judgement.score)
+        ctx.stats.similarity_updates += similarity_update(ctx, tree, path, rollout, score)
     if ctx.config.dynamic_addition:
         ctx.stats.dynamic_additions += dynamic_addition(ctx, path)
     ctx.stats.iterations += 1
     ctx.emit(
-        "iteration",
-        {"iteration": ctx.stats.iterations, "depth": len(path) - 1, "score": judgement.score},
+        "iteration", {"iteration": ctx.stats.iterations, "depth": len(path) - 1, "score": score}
     )
-    return judgement
 
 
-def _count_rewind(ctx: SearchContext, path: list[Node]) -> None:
+def run_round(ctx: SearchContext, tree: Tree, k: int) -> list[Judgement]:
+    """One search round: select up to ``k`` distinct leaves (virtual loss), expand them,
+    roll them out and judge them in shared model calls, then back all of them up in
+    order. Each leaf counts as one iteration; ``k = 1`` is one RAIN iteration."""
+    ctx.check_cancel()
+    pending = VirtualLoss(tree, ctx.config)
+    paths = select_leaves(tree, ctx.config, k, pending)
+    grow_leaves(ctx, tree, paths, pending)
+    for i, path in enumerate(paths):
+        _count_rewind(ctx, path, ctx.stats.iterations + 1 + i)
+    rollouts = simulate_many(ctx, paths)
+    judgements = evaluate_many(ctx, paths, rollouts)
+    pending.undo()  # the pending visits become real ones now
+    for path, rollout, judgement in zip(paths, rollouts, judgements, strict=True):
+        learn(ctx, tree, path, rollout, judgement.score)
+    return judgements
+
+
+def iterate(ctx: SearchContext, tree: Tree) -> Judgement:
+    """One inner-loop iteration of RAIN (a round of one leaf)."""
+    return run_round(ctx, tree, 1)[0]
+
+
+def _count_rewind(ctx: SearchContext, path: list[Node], iteration: int) -> None:
     last = ctx.state.last_path
     # A rewind: this iteration does not continue down the branch explored last.
     diverged = any(a is not b for a, b in zip(last[1:], path[1:], strict=False))
     if diverged:
         ctx.stats.rewinds += 1
-        ctx.emit("rewind", {"iteration": ctx.stats.iterations + 1, "depth": len(path) - 1})
+        ctx.emit("rewind", {"iteration": iteration, "depth": len(path) - 1})
     ctx.state.last_path = path
 
 
@@ -584,13 +757,21 @@ def search_root(ctx: SearchContext, tree: Tree) -> tuple[Node | None, int, str |
             ctx.stats.budget_exhausted = forced
             chosen = choose_commit(tree.root) if tree.root.children else None
             return chosen, iterations, forced
-        iterate(ctx, tree)
-        iterations += 1
+        iterations += len(run_round(ctx, tree, _round_size(ctx)))
         early = _greedy_ready(tree.root, ctx.config)
         if early is not None:
             return early, iterations, None
         if should_commit(tree.root, iterations, ctx.config):
             return choose_commit(tree.root), iterations, None
+
+
+def _round_size(ctx: SearchContext) -> int:
+    """``leaves_per_round``, but never past the iteration budget."""
+    cfg = ctx.config
+    k = cfg.leaves_per_round
+    if cfg.max_iterations is not None:
+        k = min(k, cfg.max_iterations - ctx.stats.iterations)
+    return max(k, 1)
 
 
 def _record(
