@@ -86,7 +86,11 @@ class TestChatRainIntegration(_ChatRainCapabilities, ChatModelIntegrationTests):
 
     @property
     def supports_json_mode(self) -> bool:
-        return False
+        return True  # with_structured_output(method="json_mode"), grammar-constrained
+
+    @_RUNS_ON
+    def test_json_mode(self, model: Any) -> None:
+        super().test_json_mode(model)
 
     @pytest.mark.xfail(reason=f"{_SMALL_MODEL} reliably choose to call a tool unprompted")
     def test_agent_loop(self, model: Any) -> None:
