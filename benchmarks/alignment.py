@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -435,6 +436,688 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+# --- dev/test splits, request wordings, the cost/quality trade-off ---------------------------
+
+
+SPLITS: dict[str, str] = {
+    "dev": "sentiment_openings.jsonl",
+    "test": "sentiment_openings_test.jsonl",
+}
+"""Split -> openings file. ``dev`` (48 openings, the ones every earlier setting was tuned
+on) is for tuning; ``test`` (64 openings written later, in other wording, none looked at
+while tuning) is for reporting only."""
+
+WORDINGS: dict[str, str] = {
+    "plain": SENTIMENT_PROMPT,
+    "sentences": "Continue this movie review in one or two sentences:\n\n{opening}",
+}
+"""Wording name -> user message; every split is run under each (the gain must not
+depend on how the request is phrased)."""
+
+BEST_OF_KS: tuple[int, ...] = (2, 4, 8, 16)
+"""Best-of-N sizes reported; quality from the first k of one N = max(k) draw."""
+
+BEST_OF_TEMPERATURE = 0.7
+"""Sampling temperature of the vanilla-sampled and best-of-N baselines."""
+
+Z90 = 1.6448536269514722
+"""Standard normal quantile of a two-sided 90 % interval."""
+
+
+def load_split(split: str) -> list[dict[str, Any]]:
+    """The openings of a split (``dev`` or ``test``)."""
+    if split not in SPLITS:
+        raise SystemExit(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    return load_jsonl(SPLITS[split])
+
+
+def wilson_ci(successes: int, n: int, z: float = Z90) -> list[float]:
+    """Wilson score interval [low, high] of a proportion (90 % by default)."""
+    if n <= 0:
+        return [float("nan"), float("nan")]
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def rain_presets() -> dict[str, Callable[..., RainConfig]]:
+    """Preset name -> constructor; ``bench`` is the earlier benchmark's spelled-out config."""
+    presets: dict[str, Callable[..., RainConfig]] = {
+        "default": RainConfig,
+        "fast": RainConfig.fast,
+        "bench": lambda **kw: RainConfig(**{**BENCH_CONFIG, **kw}),
+    }
+    paper = getattr(RainConfig, "paper", None)
+    if paper is not None:
+        presets["paper"] = paper
+    return presets
+
+
+DEV_CANDIDATES: dict[str, dict[str, Any]] = {
+    # Tried on the pre-port engine (dev, 8 openings x 2 wordings), see the README:
+    # expanding a candidate only on its second visit saved no time there.
+    "bench_eav1": {"expand_after_visits": 1},
+    # A smaller search for the fast preset: each root candidate judged about once.
+    "lite": {"T": 4, "min_new_iterations": 2, "T_m": 2, "expand_after_visits": 1},
+    # What item 3's measurements point at: commit by value (the most visited child was
+    # below a sibling on 30 % of lite's commits) and a final check against greedy
+    # (bench's answer ended below greedy's by its own judge on 12 % of requests).
+    "bench_value_check": {"commit_rule": "value", "final_check": True},
+    "bench_value_check_t6": {
+        "commit_rule": "value",
+        "final_check": True,
+        "T": 6,
+        "min_new_iterations": 3,
+    },
+    "lite_value": {
+        "T": 4,
+        "min_new_iterations": 2,
+        "T_m": 2,
+        "expand_after_visits": 1,
+        "commit_rule": "value",
+    },
+    "lite_value_check": {
+        "T": 4,
+        "min_new_iterations": 2,
+        "T_m": 2,
+        "expand_after_visits": 1,
+        "commit_rule": "value",
+        "final_check": True,
+    },
+}
+"""Extra RAIN settings tried on the dev split (name -> RainConfig fields over ``bench``);
+filled in as the dev sweep goes, so the README can say what was compared."""
+
+
+def method_config(name: str, max_new_tokens: int, seed: int) -> RainConfig:
+    """RainConfig of a ``rain:<name>`` method: a preset, or a dev candidate over ``bench``."""
+    kw = {"max_new_tokens": max_new_tokens, "seed": seed}
+    presets = rain_presets()
+    if name in presets:
+        return presets[name](**kw)
+    if name in DEV_CANDIDATES:
+        return RainConfig(**{**BENCH_CONFIG, **DEV_CANDIDATES[name], **kw})
+    known = ", ".join([*presets, *DEV_CANDIDATES])
+    raise SystemExit(f"unknown RAIN method {name!r}; known: {known}")
+
+
+class _LoggingSession:
+    """An evaluation session that records every (text, score) the search asked about."""
+
+    def __init__(self, inner: Any, log: list[tuple[str, float]], decode: Callable) -> None:
+        self._inner, self._log, self._decode = inner, log, decode
+
+    def score(self, response_ids: Any, response_text: str | None = None, **kw: Any) -> Any:
+        j = self._inner.score(response_ids, response_text, **kw)
+        text = response_text if response_text is not None else self._decode(response_ids)
+        self._log.append((text, float(j.score)))
+        return j
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _LoggingEvaluator:
+    """Wraps the engine's evaluator so a run can keep the partial texts it judged."""
+
+    def __init__(self, inner: Any, decode: Callable) -> None:
+        self._inner, self._decode = inner, decode
+        self.log: list[tuple[str, float]] = []
+
+    def session(self, *a: Any, **kw: Any) -> Any:
+        return _LoggingSession(self._inner.session(*a, **kw), self.log, self._decode)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _score_texts(
+    engine: RainEngine, messages: list[dict[str, str]], texts: list[str], rubric: Any
+) -> list[float]:
+    """Self-evaluation of several responses to one request, in one judge session."""
+    from shared_core.messages import conversation_text
+
+    session = engine.evaluator.session(engine.resolve_rubric(rubric), conversation_text(messages))
+    try:
+        return [float(session.score(engine.backend.encode(t), t).score) for t in texts]
+    finally:
+        session.close()
+
+
+def _commit_rows(result: Any) -> list[dict[str, Any]]:
+    """Per commit, the root's candidates (p, n, v, greedy, token count) and which won."""
+    out = []
+    for c in result.trace:
+        cands = c.get("candidates") or []
+        chosen = c.get("token_ids")
+        out.append(
+            {
+                "forced": c.get("forced"),
+                "candidates": [
+                    {
+                        "p": x["p"],
+                        "n": x["n"],
+                        "v": x["v"],
+                        "greedy": x["greedy"],
+                        "len": len(x.get("token_ids", [])),
+                        "chosen": list(x.get("token_ids", [])) == list(chosen or []),
+                    }
+                    for x in cands
+                ],
+            }
+        )
+    return out
+
+
+def run_method(
+    engine: RainEngine,
+    method: str,
+    messages: list[dict[str, str]],
+    args: argparse.Namespace,
+    judge: VaderJudge,
+) -> dict[str, Any]:
+    """One method on one request; the row the trade-off JSONL keeps."""
+    tokens, seed = args.max_new_tokens or 32, args.seed
+    row: dict[str, Any] = {"method": method}
+    if method in ("greedy", "sampled"):
+        temp = 0.0 if method == "greedy" else BEST_OF_TEMPERATURE
+        res = engine.vanilla(messages, max_new_tokens=tokens, temperature=temp, seed=seed)
+        # The judge's view of the baseline (not timed: greedy decoding does not judge).
+        row["self_score"] = float(
+            engine.self_evaluate(messages, res.text, rubric=args.rubric).score
+        )
+    elif method.startswith("best_of:"):
+        n = int(method.split(":", 1)[1])
+        res = engine.best_of_n(
+            messages,
+            n=n,
+            rubric=args.rubric,
+            max_new_tokens=tokens,
+            seed=seed,
+            best_of_temperature=BEST_OF_TEMPERATURE,
+            best_of_top_k=0,
+        )
+        cands = res.trace[0]["candidates"]  # every sampled answer with its score
+        row["self_score"] = res.stats.final_score
+        row["candidates"] = [
+            {
+                "text": c["text"],
+                "score": c["score"],
+                "compound": judge.compound(c["text"]),
+                "token_ids": c.get("token_ids", []),
+            }
+            for c in cands
+        ]
+        if args.prefix_scores:
+            # Item 3 of issue 13: the judge on the first k tokens of a finished answer.
+            for k in args.prefix_scores:
+                texts = [engine.backend.decode(c["token_ids"][:k]) for c in row["candidates"]]
+                scores = _score_texts(engine, messages, texts, args.rubric)
+                for c, s in zip(row["candidates"], scores, strict=True):
+                    c[f"prefix{k}_score"] = s
+    elif method.startswith("rain:"):
+        cfg = method_config(method.split(":", 1)[1], tokens, seed)
+        log = None
+        if args.log_evals:
+            wrapped = _LoggingEvaluator(engine.evaluator, engine.backend.decode)
+            engine.evaluator, original = wrapped, engine.evaluator  # type: ignore[assignment]
+            log = wrapped.log
+        try:
+            res = engine.generate(messages, rubric=args.rubric, config=cfg)
+        finally:
+            if log is not None:
+                engine.evaluator = original
+        row["config"] = cfg.model_dump(mode="json")
+        row["self_score"] = res.stats.final_score
+        row["iterations"] = res.stats.iterations
+        row["overrides"] = res.stats.overrides
+        row["commits"] = _commit_rows(res)
+        if log is not None:
+            # Drop the final whole-answer check: it is not a partial text.
+            row["evals"] = [
+                {"text": t, "score": s, "compound": judge.compound(t)} for t, s in log[:-1]
+            ]
+    else:
+        raise SystemExit(f"unknown method {method!r}; use greedy, sampled, best_of:N, rain:NAME")
+    comp = judge.compound(res.text)
+    row.update(
+        {
+            "text": res.text,
+            "compound": comp,
+            "positive": comp >= VADER_POSITIVE,
+            "elapsed_s": round(res.elapsed_s, 3),
+            "tokens": res.completion_tokens,
+        }
+    )
+    return row
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by an interrupted run; it is redone
+    return rows
+
+
+def _row_key(row: dict[str, Any]) -> tuple[str, str, str, str]:
+    return (row["split"], row["wording"], row["id"], row["method"])
+
+
+def run_tradeoff(args: argparse.Namespace) -> Path:
+    """Run every method on every (opening, wording) of a split, one JSONL row each.
+
+    Rows are appended as they finish and a rerun skips the ones present, so a run
+    can be interrupted and resumed (or split across processes by ``--start``/``--n``).
+    Requests go opening by opening, all methods on one before the next, so a
+    partial run compares the methods on the same items.
+    """
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    items = load_split(args.split)[args.start :]
+    if args.n_sentiment:
+        items = items[: args.n_sentiment]
+    wordings = args.wordings.split(",") if args.wordings else list(WORDINGS)
+    unknown = [w for w in wordings if w not in WORDINGS]
+    if unknown:
+        raise SystemExit(f"unknown wording(s) {unknown}; use {', '.join(WORDINGS)}")
+    out = (args.results or [DEFAULT_OUT.with_name(f"tradeoff_{args.split}.jsonl")])[0]
+    rows = _read_rows(out)
+    done = {_row_key(r) for r in rows}
+    configs = {r["method"]: r.get("config") for r in rows if r.get("config")}
+    engine = (
+        RainEngine.from_pretrained(args.model, args.gguf_file)
+        if args.model
+        else RainEngine.from_default()
+    )
+    judge = VaderJudge()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as f:
+        for item in items:
+            for wording in wordings:
+                messages = [
+                    {"role": "user", "content": WORDINGS[wording].format(opening=item["opening"])}
+                ]
+                for method in methods:
+                    key = (args.split, wording, item["id"], method)
+                    if key in done:
+                        continue
+                    row = run_method(engine, method, messages, args, judge)
+                    old = configs.get(method)
+                    if old is not None and row.get("config") not in (None, old):
+                        raise SystemExit(
+                            f"{out} holds {method} rows of another config; use a new --results "
+                            "file or another method name"
+                        )
+                    row.update({"split": args.split, "wording": wording, "id": item["id"]})
+                    row["model"] = engine.model_name
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    f.flush()
+                    done.add(key)
+                    _log(
+                        f"{args.split}/{wording}/{item['id']} {method}: {row['compound']:+.2f} "
+                        f"self {row.get('self_score') or 0:+.2f} {row['elapsed_s']:.1f}s "
+                        f"{row['text'][:50]!r}"
+                    )
+    _log(f"wrote {out}")
+    return out
+
+
+def _entry(
+    flags: list[bool], times: list[float], greedy_times: list[float], compounds: list[float]
+) -> dict[str, Any]:
+    n = len(flags)
+    k = int(sum(flags))
+    return {
+        "n": n,
+        "positive": k,
+        "rate": k / n if n else float("nan"),
+        "ci90": wilson_ci(k, n),
+        "mean_compound": _mean(compounds),
+        "seconds": round(float(sum(times)), 1),
+        "time_ratio": float(sum(times)) / max(float(sum(greedy_times)), 1e-9),
+    }
+
+
+def _best_of_nested(row: dict[str, Any], k: int) -> dict[str, Any]:
+    """Best of the first k candidates of a best-of-N row (first on ties, as the engine)."""
+    cands = row["candidates"][:k]
+    best = max(range(len(cands)), key=lambda i: (cands[i]["score"], -i))
+    return cands[best]
+
+
+def tradeoff_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Positive rate, 90 % interval and time ratio to greedy per method and wording.
+
+    Only requests that every method finished are compared. Best-of-k quality comes
+    from the first k candidates of the largest best-of row (``sampled``: the first
+    draw alone); its time from separate ``best_of:k`` / ``sampled`` runs where there
+    are some (a timing subset, its size reported as ``timed_on``), else it is None.
+    """
+    report: dict[str, Any] = {"splits": sorted({r["split"] for r in rows}), "by_wording": {}}
+    if not rows:
+        return report
+    methods = sorted({r["method"] for r in rows})
+    by_key = {_row_key(r): r for r in rows}
+    wordings = sorted({r["wording"] for r in rows})
+    for scope in [*wordings, "all"]:
+        scope_rows = [r for r in rows if scope == "all" or r["wording"] == scope]
+        requests = sorted({(r["split"], r["wording"], r["id"]) for r in scope_rows})
+        full_n = max((int(m.split(":")[1]) for m in methods if m.startswith("best_of:")), default=0)
+        # Methods every compared request has (the biggest best-of is enough for nested k).
+        # ``sampled`` too: its quality is the first draw of the biggest best-of, its time
+        # comes from the ``sampled`` rows wherever they were run (a timing subset).
+        nested = full_n > 0
+        core = [
+            m
+            for m in methods
+            if not (m.startswith("best_of:") and int(m[8:]) != full_n)
+            and not (nested and m == "sampled")
+        ]
+        common = [q for q in requests if all((*q, m) in by_key for m in core)]
+        if not common or "greedy" not in methods:
+            continue
+        greedy = [by_key[(*q, "greedy")] for q in common]
+        g_times = [r["elapsed_s"] for r in greedy]
+        g_self = [r.get("self_score") for r in greedy]
+        entries: dict[str, Any] = {}
+        flags: dict[str, list[bool]] = {}
+        for m in core:
+            if m.startswith("best_of:"):
+                continue
+            rs = [by_key[(*q, m)] for q in common]
+            flags[m] = [bool(r["positive"]) for r in rs]
+            e = _entry(flags[m], [r["elapsed_s"] for r in rs], g_times, [r["compound"] for r in rs])
+            selfs = [r.get("self_score") for r in rs]
+            pairs = [(s, g) for s, g in zip(selfs, g_self, strict=True) if None not in (s, g)]
+            if m != "greedy" and pairs:
+                e["self_below_greedy"] = sum(s < g - 1e-6 for s, g in pairs) / len(pairs)
+                e["mean_self_score"] = _mean([s for s, _ in pairs])
+            entries[m] = e
+        entries["greedy"]["mean_self_score"] = _mean([g for g in g_self if g is not None])
+        if full_n:
+            big = [by_key[(*q, f"best_of:{full_n}")] for q in common]
+            for k in [1, *(k for k in BEST_OF_KS if k <= full_n)]:
+                picks = [_best_of_nested(r, k) for r in big]
+                name = "sampled" if k == 1 else f"best_of:{k}"
+                flags[name] = [p["compound"] >= VADER_POSITIVE for p in picks]
+                timed = [q for q in common if (*q, name) in by_key]
+                if timed:
+                    t = [by_key[(*q, name)]["elapsed_s"] for q in timed]
+                    gt = [by_key[(*q, "greedy")]["elapsed_s"] for q in timed]
+                else:
+                    t, gt = [], []
+                e = _entry(flags[name], t, gt, [p["compound"] for p in picks])
+                e["time_ratio"] = e["time_ratio"] if timed else None
+                e["timed_on"] = len(timed)
+                pairs = [
+                    (p["score"], g) for p, g in zip(picks, g_self, strict=True) if g is not None
+                ]
+                e["self_below_greedy"] = sum(s < g - 1e-6 for s, g in pairs) / max(len(pairs), 1)
+                e["mean_self_score"] = _mean([s for s, _ in pairs])
+                entries[name] = e
+        # Paired gains: each RAIN method against greedy and against the best-of-k whose
+        # time is closest to its own (the baseline at the same cost).
+        gains: dict[str, Any] = {}
+        g_flags = [float(x) for x in flags["greedy"]]
+        bo = {m: e for m, e in entries.items() if m.startswith("best_of:") and e["time_ratio"]}
+        for m, e in entries.items():
+            if not m.startswith("rain:"):
+                continue
+            f = [float(x) for x in flags[m]]
+            gain = {
+                "vs_greedy_points": 100 * (np.mean(f) - np.mean(g_flags)),
+                "vs_greedy_ci90_points": [100 * x for x in bootstrap_diff_ci(g_flags, f)],
+            }
+            if bo:
+                match = min(
+                    bo, key=lambda b: (abs(bo[b]["time_ratio"] - e["time_ratio"]), -int(b[8:]))
+                )
+                b_flags = [float(x) for x in flags[match]]
+                gain.update(
+                    {
+                        "matched_best_of": match,
+                        "matched_time_ratio": bo[match]["time_ratio"],
+                        "vs_best_of_points": 100 * (np.mean(f) - np.mean(b_flags)),
+                        "vs_best_of_ci90_points": [100 * x for x in bootstrap_diff_ci(b_flags, f)],
+                    }
+                )
+            gains[m] = gain
+        report["by_wording"][scope] = {
+            "n_requests": len(common),
+            "methods": entries,
+            "gains": gains,
+        }
+    return report
+
+
+def tradeoff_table(report: dict[str, Any]) -> str:
+    """Markdown table per wording: rate (90 % CI), time ratio, self-eval below greedy."""
+    lines = []
+    for scope, block in report.get("by_wording", {}).items():
+        lines.append(f"\n{scope} (n = {block['n_requests']} requests, splits {report['splits']})\n")
+        lines.append("| method | positive (90 % CI) | time / greedy | self-eval < greedy's |")
+        lines.append("|---|---|---|---|")
+        for m, e in block["methods"].items():
+            ratio = "—" if e["time_ratio"] is None else f"{e['time_ratio']:.1f}×"
+            if e.get("timed_on") is not None and e["time_ratio"] is not None:
+                ratio += f" (timed on {e['timed_on']})"
+            below = e.get("self_below_greedy")
+            lines.append(
+                f"| {m} | {100 * e['rate']:.1f} % "
+                f"({100 * e['ci90'][0]:.1f}–{100 * e['ci90'][1]:.1f})"
+                f" | {ratio} | {'—' if below is None else f'{100 * below:.0f} %'} |"
+            )
+        for m, g in block["gains"].items():
+            lo, hi = g["vs_greedy_ci90_points"]
+            s = (
+                f"- {m}: {g['vs_greedy_points']:+.1f} points vs greedy "
+                f"(90 % CI {lo:+.1f} to {hi:+.1f})"
+            )
+            if "matched_best_of" in g:
+                lo, hi = g["vs_best_of_ci90_points"]
+                s += (
+                    f"; {g['vs_best_of_points']:+.1f} vs {g['matched_best_of']} at "
+                    f"{g['matched_time_ratio']:.1f}× (90 % CI {lo:+.1f} to {hi:+.1f})"
+                )
+            lines.append(s)
+    return "\n".join(lines)
+
+
+def plot_tradeoff(report: dict[str, Any], path: Path, copy_to: Path | None = None) -> None:
+    """Positive rate against time / greedy, one panel per wording, 90 % Wilson bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scopes = [s for s in report.get("by_wording", {}) if s != "all"] or ["all"]
+    scopes = [s for s in scopes if s in report.get("by_wording", {})]
+    if not scopes:
+        return
+    fig, axes = plt.subplots(1, len(scopes), figsize=(6.5 * len(scopes), 4.8), squeeze=False)
+    for ax, scope in zip(axes[0], scopes, strict=True):
+        block = report["by_wording"][scope]
+        ms = block["methods"]
+
+        def point(
+            m: str, style: dict[str, Any], label: str, ms: dict[str, Any] = ms, ax: Any = ax
+        ) -> None:
+            e = ms[m]
+            if e["time_ratio"] is None:
+                return
+            y = 100 * e["rate"]
+            err = [[y - 100 * e["ci90"][0]], [100 * e["ci90"][1] - y]]
+            ax.errorbar([e["time_ratio"]], [y], yerr=err, capsize=3, **style, label=label)
+
+        point("greedy", {"fmt": "ks"}, "greedy")
+        if "sampled" in ms:
+            point("sampled", {"fmt": "o", "color": "#888888"}, f"sampled, T={BEST_OF_TEMPERATURE}")
+        bos = [m for m in ms if m.startswith("best_of:") and ms[m]["time_ratio"]]
+        if bos:
+            xs = [ms[m]["time_ratio"] for m in bos]
+            ys = [100 * ms[m]["rate"] for m in bos]
+            ax.plot(xs, ys, "-", color="#2ca02c", alpha=0.5)
+            for m in bos:
+                point(m, {"fmt": "^", "color": "#2ca02c"}, "")
+                ax.annotate(
+                    m.replace("best_of:", "bo"),
+                    (ms[m]["time_ratio"], 100 * ms[m]["rate"]),
+                    textcoords="offset points",
+                    xytext=(4, -10),
+                    fontsize=7,
+                )
+        colors = ["#1f77b4", "#d62728", "#9467bd", "#ff7f0e", "#17becf", "#8c564b"]
+        for i, m in enumerate(m for m in ms if m.startswith("rain:")):
+            point(m, {"fmt": "D", "color": colors[i % len(colors)]}, m.replace("rain:", "RAIN "))
+        ax.set_xscale("log")
+        ax.set_xlabel("time / greedy (log)")
+        ax.set_ylabel("positive rate, % (VADER compound ≥ 0.05)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{'/'.join(report['splits'])} · {scope} · n={block['n_requests']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Positive rate vs cost, 90 % Wilson intervals (best-of-k: green triangles)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    if copy_to is not None:
+        copy_to.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(copy_to, dpi=110)
+    plt.close(fig)
+
+
+def _pairwise_agreement(groups: list[list[tuple[float, bool]]]) -> float | None:
+    """Within each request, how often the judge puts a VADER-positive text above a
+    non-positive one (ties half): what a search comparing siblings relies on."""
+    wins = total = 0.0
+    for g in groups:
+        for s1, y1 in g:
+            for s2, y2 in g:
+                if y1 and not y2:
+                    total += 1
+                    wins += 1.0 if s1 > s2 else 0.5 if s1 == s2 else 0.0
+    return wins / total if total else None
+
+
+def search_diagnostics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the judge's signal is lost (issue 13, item 3), from a trade-off JSONL.
+
+    - judge vs VADER on whole answers (best-of candidates) and on the partial texts
+      the search judged (token sets + clause rollouts, ``--log-evals``);
+    - the judge on the first k tokens of a finished answer against VADER on the
+      whole answer (``--prefix-scores``): how well an early verdict predicts the end;
+    - the priors of the root's candidates: the greedy set's share as a product of
+      token probabilities, and what it would be length-normalised;
+    - the commit rule: committed child below a visited sibling's value, or greedy's;
+    - the final answer's self-evaluation against greedy's; and the positive rate a
+      final check (keep greedy when the judge scores it higher) would give.
+    """
+    by_key = {_row_key(r): r for r in rows}
+    out: dict[str, Any] = {}
+    whole: list[tuple[float, bool]] = []
+    whole_groups: list[list[tuple[float, bool]]] = []
+    prefix: dict[str, list[tuple[float, bool]]] = {}
+    prefix_groups: dict[str, list[list[tuple[float, bool]]]] = {}
+    for r in rows:
+        if not r["method"].startswith("best_of:"):
+            continue
+        g = [(c["score"], c["compound"] >= VADER_POSITIVE) for c in r["candidates"]]
+        whole += g
+        whole_groups.append(g)
+        for key in (
+            [k for k in r["candidates"][0] if k.startswith("prefix")] if r["candidates"] else []
+        ):
+            pg = [(c[key], c["compound"] >= VADER_POSITIVE) for c in r["candidates"]]
+            prefix.setdefault(key, []).extend(pg)
+            prefix_groups.setdefault(key, []).append(pg)
+    if whole:
+        out["whole_answers"] = {
+            "n": len(whole),
+            "auc": _auc([s for s, _ in whole], [y for _, y in whole]),
+            "within_request_agreement": _pairwise_agreement(whole_groups),
+        }
+    for key, pairs in sorted(prefix.items()):
+        out[f"{key}_vs_whole_vader"] = {
+            "n": len(pairs),
+            "auc": _auc([s for s, _ in pairs], [y for _, y in pairs]),
+            "within_request_agreement": _pairwise_agreement(prefix_groups[key]),
+        }
+    for method in sorted({r["method"] for r in rows if r["method"].startswith("rain:")}):
+        rs = [r for r in rows if r["method"] == method]
+        d: dict[str, Any] = {"n_requests": len(rs)}
+        evals = [
+            (e["score"], e["compound"] >= VADER_POSITIVE) for r in rs for e in r.get("evals", [])
+        ]
+        if evals:
+            groups = [
+                [(e["score"], e["compound"] >= VADER_POSITIVE) for e in r.get("evals", [])]
+                for r in rs
+            ]
+            d["partial_texts"] = {
+                "n": len(evals),
+                "auc": _auc([s for s, _ in evals], [y for _, y in evals]),
+                "within_request_agreement": _pairwise_agreement(groups),
+            }
+        shares, shares_norm, below_sib, below_greedy, n_commits, n_cmp = [], [], 0, 0, 0, 0
+        for r in rs:
+            for c in r.get("commits", []):
+                cands = c["candidates"]
+                if len(cands) < 2:
+                    continue
+                n_commits += 1
+                ps = np.asarray([x["p"] for x in cands], dtype=np.float64)
+                lens = np.asarray([max(x["len"], 1) for x in cands], dtype=np.float64)
+                gi = [i for i, x in enumerate(cands) if x["greedy"]]
+                if gi and ps.sum() > 0:
+                    shares.append(float(ps[gi[0]] / ps.sum()))
+                    norm = np.power(np.maximum(ps, 1e-300), 1.0 / lens)
+                    shares_norm.append(float(norm[gi[0]] / norm.sum()))
+                chosen = [x for x in cands if x["chosen"]]
+                visited = [x for x in cands if x["n"] > 0]
+                if not chosen or c.get("forced") or len(visited) < 2:
+                    continue
+                n_cmp += 1
+                ch = chosen[0]
+                if ch["v"] < max(x["v"] for x in visited if x is not ch) - 1e-9:
+                    below_sib += 1
+                greedy = [x for x in visited if x["greedy"]]
+                if greedy and not ch["greedy"] and ch["v"] < greedy[0]["v"] - 1e-9:
+                    below_greedy += 1
+        d["root_greedy_prior_share"] = _mean(shares)
+        d["root_greedy_prior_share_length_normalised"] = _mean(shares_norm)
+        d["commits_with_candidates"] = n_commits
+        d["commits_compared"] = n_cmp
+        d["committed_below_a_sibling"] = below_sib / n_cmp if n_cmp else None
+        d["committed_below_greedy_sibling"] = below_greedy / n_cmp if n_cmp else None
+        finals, checked = [], []
+        for r in rs:
+            g = by_key.get((r["split"], r["wording"], r["id"], "greedy"))
+            if g is None or r.get("self_score") is None or g.get("self_score") is None:
+                continue
+            low = r["self_score"] < g["self_score"] - 1e-6
+            finals.append(low)
+            checked.append(bool(g["positive"]) if low else bool(r["positive"]))
+        if finals:
+            d["final_self_below_greedy"] = float(np.mean(finals))
+            d["positive_rate"] = float(np.mean([r["positive"] for r in rs]))
+            d["positive_rate_with_final_check_offline"] = float(np.mean(checked))
+        out[method] = d
+    return out
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -553,12 +1236,75 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--replot", action="store_true", help="only redraw the PNG from an existing --out JSON"
     )
     p.add_argument(
+        "--tradeoff",
+        action="store_true",
+        help="run --methods on every opening of --split under each wording, one JSONL row "
+        "each (resumable), then write the table, JSON report and plot",
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="only rebuild the trade-off report, table and plot from --results",
+    )
+    p.add_argument("--split", choices=tuple(SPLITS), default="dev", help="openings split")
+    p.add_argument(
+        "--wordings",
+        default=None,
+        help=f"comma-separated request wordings ({', '.join(WORDINGS)}; default: all)",
+    )
+    p.add_argument(
+        "--methods",
+        default="greedy,sampled,best_of:16,rain:default,rain:fast",
+        help="comma-separated: greedy, sampled, best_of:N, rain:PRESET (default, fast, paper, "
+        "bench) or rain:NAME of DEV_CANDIDATES",
+    )
+    p.add_argument(
+        "--results",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="trade-off JSONL (default: tradeoff_SPLIT.jsonl next to --out); a run appends to "
+        "the first, --report reads them all (e.g. the parts of a run split by --start)",
+    )
+    p.add_argument("--rubric", default="positive", help="rubric of the trade-off runs")
+    p.add_argument(
+        "--log-evals",
+        action="store_true",
+        help="keep every partial text the search judged (for the search diagnostics)",
+    )
+    p.add_argument(
+        "--prefix-scores",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[],
+        help="also judge the first K tokens of each best-of candidate, e.g. 8,16",
+    )
+    p.add_argument("--docs-plot", type=Path, default=None, help="also save the trade-off plot here")
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
         help="torch intra-op threads (default 1: on a shared CPU, 2 threads spin and lose)",
     )
     return p.parse_args(argv)
+
+
+def tradeoff_main(args: argparse.Namespace) -> dict[str, Any]:
+    """``--tradeoff`` (run, then report) or ``--report`` (report from the JSONL only)."""
+    if args.tradeoff:
+        run_tradeoff(args)
+    outs = args.results or [DEFAULT_OUT.with_name(f"tradeoff_{args.split}.jsonl")]
+    out = outs[0]
+    rows = [r for path in outs for r in _read_rows(path)]
+    report = tradeoff_report(rows)
+    report["search_diagnostics"] = search_diagnostics(rows)
+    report["results"] = [str(p) for p in outs]
+    _write(report, out.with_suffix(".json"))
+    plot_tradeoff(report, args.plot or out.with_suffix(".png"), args.docs_plot)
+    table = tradeoff_table(report)
+    out.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    print(json.dumps(report["search_diagnostics"], indent=1))
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -569,6 +1315,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return report
     if args.diagnose:
         return diagnose(args)
+    if args.tradeoff or args.report:
+        return tradeoff_main(args)
     if args.threads:
         import torch
 
