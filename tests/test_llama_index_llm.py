@@ -255,9 +255,9 @@ async def test_bad_input_raises_clear_errors(llm: RainLLM) -> None:
         llm.stream_chat([ChatMessage(role="user", content=too_long)])  # raised at the call
     with pytest.raises(RainInputError, match="context window"):
         await llm.astream_complete(too_long)
-    with pytest.raises(RainConfigError, match="unknown option 'temprature'.*did you mean"):
+    with pytest.raises(RainConfigError, match=r"unknown option 'temprature'.*did you mean"):
         llm.complete("Hi", temprature=0.5)
-    with pytest.raises(RainInputError, match="accepted options: .*max_new_tokens"):
+    with pytest.raises(RainInputError, match=r"accepted options: .*max_new_tokens"):
         llm.chat(HI, bogus_option=1)
     image = ChatMessage(
         role="user", blocks=[TextBlock(text="What is this?"), ImageBlock(url="http://x/y.png")]
