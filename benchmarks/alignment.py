@@ -511,6 +511,13 @@ DEV_CANDIDATES: dict[str, dict[str, Any]] = {
         "T": 6,
         "min_new_iterations": 3,
     },
+    # Length-normalised priors instead of the uniform root prior: the paper's 0.25 mix.
+    "norm_value_check": {
+        "prior_length_norm": True,
+        "root_prior_mix": 0.25,
+        "commit_rule": "value",
+        "final_check": True,
+    },
     "lite_value": {
         "T": 4,
         "min_new_iterations": 2,
@@ -750,11 +757,22 @@ def run_tradeoff(args: argparse.Namespace) -> Path:
                 messages = [
                     {"role": "user", "content": WORDINGS[wording].format(opening=item["opening"])}
                 ]
+                # Greedy's time on this request, measured in this process next to the
+                # other methods: their time ratios do not depend on when (under which
+                # load of the shared machine) another process ran greedy.
+                greedy_s: float | None = None
                 for method in methods:
                     key = (args.split, wording, item["id"], method)
                     if key in done:
                         continue
+                    if method != "greedy" and greedy_s is None:
+                        greedy_s = engine.vanilla(
+                            messages, max_new_tokens=args.max_new_tokens or 32, temperature=0
+                        ).elapsed_s
                     row = run_method(engine, method, messages, args, judge)
+                    if method == "greedy":
+                        greedy_s = row["elapsed_s"]
+                    row["greedy_s"] = round(greedy_s if greedy_s is not None else 0.0, 3)
                     old = configs.get(method)
                     if old is not None and row.get("config") not in (None, old):
                         raise SystemExit(
@@ -773,6 +791,11 @@ def run_tradeoff(args: argparse.Namespace) -> Path:
                     )
     _log(f"wrote {out}")
     return out
+
+
+def _greedy_time(row: dict[str, Any], greedy_row: dict[str, Any]) -> float:
+    """Greedy's time for a method row: the one measured beside it, else the greedy row's."""
+    return float(row.get("greedy_s") or greedy_row["elapsed_s"])
 
 
 def _entry(
@@ -830,7 +853,6 @@ def tradeoff_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if not common or "greedy" not in methods:
             continue
         greedy = [by_key[(*q, "greedy")] for q in common]
-        g_times = [r["elapsed_s"] for r in greedy]
         g_self = [r.get("self_score") for r in greedy]
         entries: dict[str, Any] = {}
         flags: dict[str, list[bool]] = {}
@@ -839,7 +861,8 @@ def tradeoff_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 continue
             rs = [by_key[(*q, m)] for q in common]
             flags[m] = [bool(r["positive"]) for r in rs]
-            e = _entry(flags[m], [r["elapsed_s"] for r in rs], g_times, [r["compound"] for r in rs])
+            gts = [_greedy_time(r, g) for r, g in zip(rs, greedy, strict=True)]
+            e = _entry(flags[m], [r["elapsed_s"] for r in rs], gts, [r["compound"] for r in rs])
             selfs = [r.get("self_score") for r in rs]
             pairs = [(s, g) for s, g in zip(selfs, g_self, strict=True) if None not in (s, g)]
             if m != "greedy" and pairs:
@@ -856,7 +879,7 @@ def tradeoff_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 timed = [q for q in common if (*q, name) in by_key]
                 if timed:
                     t = [by_key[(*q, name)]["elapsed_s"] for q in timed]
-                    gt = [by_key[(*q, "greedy")]["elapsed_s"] for q in timed]
+                    gt = [_greedy_time(by_key[(*q, name)], by_key[(*q, "greedy")]) for q in timed]
                 else:
                     t, gt = [], []
                 e = _entry(flags[name], t, gt, [p["compound"] for p in picks])
