@@ -562,6 +562,12 @@ class _LoggingSession:
         self._log.append((text, float(j.score)))
         return j
 
+    def score_many(self, responses: Sequence[tuple[Any, str]]) -> list[Any]:
+        js = self._inner.score_many(responses)
+        for (ids, text), j in zip(responses, js, strict=True):
+            self._log.append((text if text is not None else self._decode(ids), float(j.score)))
+        return list(js)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
@@ -588,7 +594,11 @@ def _score_texts(
 
     session = engine.evaluator.session(engine.resolve_rubric(rubric), conversation_text(messages))
     try:
-        return [float(session.score(engine.backend.encode(t), t).score) for t in texts]
+        pairs = [(engine.backend.encode(t), t) for t in texts]
+        many = getattr(session, "score_many", None)
+        if many is not None:  # one batched judge call
+            return [float(j.score) for j in many(pairs)]
+        return [float(session.score(ids, t).score) for ids, t in pairs]
     finally:
         session.close()
 
