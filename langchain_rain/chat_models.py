@@ -280,6 +280,7 @@ class ChatRain(BaseChatModel):
     """Put the per-commit search trace in ``response_metadata["rain_trace"]``."""
 
     _loaded: RainEngine | None = PrivateAttr(default=None)
+    _served_tokenizer: Any = PrivateAttr(default=None)
     _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     def __init__(self, model: Any = None, **kwargs: Any) -> None:
@@ -294,6 +295,8 @@ class ChatRain(BaseChatModel):
             kwargs["engine"] = source.load()
             model = None
         super().__init__(model=None if model is None else str(model), **kwargs)  # type: ignore[call-arg]
+        if source.base_url is not None:
+            self._served_tokenizer = tokenizer  # the served model's, used when it connects
 
     @model_validator(mode="after")
     def _check(self) -> ChatRain:
@@ -342,7 +345,7 @@ class ChatRain(BaseChatModel):
             return self.engine
         with self._load_lock:
             if self._loaded is None:
-                source = _source(self.model, None, self.__dict__)
+                source = _source(self.model, self._served_tokenizer, self.__dict__)
                 self._loaded = source.load()
                 if isinstance(self.profile, dict):
                     self.profile["max_input_tokens"] = self._loaded.context_window

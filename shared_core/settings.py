@@ -254,7 +254,8 @@ class EngineSource:
     Exactly one of: a model id or local path (``model=``, optionally ``gguf_file=``;
     ``None``: the embedded default), a loaded transformers model with its tokenizer
     (``model=`` + ``tokenizer=``), an existing ``engine=``, or a served model
-    (``base_url=``, with ``model=`` the served model's name, ``api_key=``, ``dialect=``).
+    (``base_url=``, with ``model=`` the served model's name, ``api_key=``, ``dialect=``,
+    and optionally ``tokenizer=``: the served model's tokenizer, else found from the server).
     :meth:`check` validates the combination without loading anything.
     """
 
@@ -299,11 +300,13 @@ class EngineSource:
                         f"{who}: {name}= is for a served model; pass base_url= (the "
                         "server's address) too, or drop it for a local model"
                     )
-        elif self.tokenizer is not None or self.gguf_file is not None or self.loaded_model:
+        elif self.gguf_file is not None or self.loaded_model:
             raise RainInputError(
                 f"{who}: base_url= serves a model by name; pass model='<served model name>' "
-                "without tokenizer=, gguf_file= or a loaded model"
+                "without gguf_file= or a loaded model"
             )
+        else:
+            return self  # a served model: model= is a name, tokenizer= optional
         if self.tokenizer is not None and self.model is None:
             raise RainInputError(f"{who} got a tokenizer without a model; pass model= as well")
         if self.loaded_model and self.tokenizer is None:
@@ -331,14 +334,16 @@ class EngineSource:
         if self.engine is not None:
             return self.engine
         if self.base_url is not None:
-            return _served_engine(self.base_url, self.model, self.api_key, self.dialect)
+            return _served_engine(
+                self.base_url, self.model, self.api_key, self.dialect, self.tokenizer
+            )
         if self.loaded_model:
             return RainEngine(model=self.model, tokenizer=self.tokenizer)
         return load_engine(self.model, self.gguf_file)
 
 
 def _served_engine(
-    base_url: str, model: Any, api_key: str | None, dialect: str | None
+    base_url: str, model: Any, api_key: str | None, dialect: str | None, tokenizer: Any
 ) -> Any:
     from shared_core.engine import RainEngine, load_engine
 
@@ -346,8 +351,13 @@ def _served_engine(
         kwargs: dict[str, Any] = {"model": model, "api_key": api_key}
         if dialect is not None:
             kwargs["dialect"] = dialect
+        if tokenizer is not None:
+            kwargs["tokenizer"] = tokenizer
         return RainEngine.from_server(base_url, **kwargs)  # type: ignore[attr-defined]
 
-    # One engine per server, model, dialect and key, shared like local models are.
+    if tokenizer is not None and not isinstance(tokenizer, str | PathLike):
+        return connect()  # a tokenizer object: not a cache key; this engine is its own
+    # One engine per server, model, dialect, tokenizer and key, shared like local models.
     key_id = hashlib.sha256((api_key or "").encode()).hexdigest()[:12]
-    return load_engine(f"{base_url}#{model}#{dialect}#{key_id}", None, factory=connect)
+    key = f"{base_url}#{model}#{dialect}#{tokenizer}#{key_id}"
+    return load_engine(key, None, factory=connect)
