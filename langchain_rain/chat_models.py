@@ -81,7 +81,6 @@ __all__ = ["ChatRain"]
 
 _DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PROVIDER = "rain"
-_RAIN_FIELDS = frozenset(RainConfig.model_fields)
 # Per-call options ChatRain handles itself (the rest are settings: shared_core.settings).
 _CALL_OPTIONS = (
     "include_trace",
