@@ -17,6 +17,14 @@ Top-level JSON keys (stable across versions): ``model``, ``vanilla_s_per_token``
 ``tokens_per_commit_reuse_on``, ``tokens_per_commit_reuse_off``,
 ``reuse_token_ratio``, ``reuse_wall_ratio``, ``identical_output``,
 ``peak_rss_mb``, ``breakdown_s``; details per rubric under ``rubrics``.
+
+Batching (issue 16), a section of its own (``--leaves``, ``--concurrency``,
+``--dev-items``; ``--batching-only`` skips the measurements above and adds the new
+keys to the existing JSON): ``leaves_per_round`` -- sequential forward passes per
+committed token and wall time for k leaves per round, at the paper's settings and
+with ``fast``; ``concurrency`` -- aggregate committed tokens/s of 1, 2, 4 concurrent
+``fast`` searches on one loaded model, batching on and off; ``leaves_dev_positive_rate``
+-- the VADER positive rate at each k on the alignment benchmark's dev split.
 """
 
 from __future__ import annotations
@@ -505,6 +513,209 @@ def _config_delta(cfg: Any, base: Any) -> dict[str, Any]:
     return {k: v for k, v in a.items() if v != b[k]}
 
 
+# --- batching: leaves per round, concurrent searches (issue 16) ------------------------------
+
+
+def _paper_config(**kw: Any) -> Any:
+    from shared_core import RainConfig
+
+    paper = getattr(RainConfig, "paper", None)  # the preset, where the config has it
+    return paper(**kw) if paper is not None else RainConfig(**kw)
+
+
+def _leaves_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    tokens = _sum(runs, "tokens")
+    return {
+        "tokens": tokens,
+        "wall_s": _sum(runs, "wall_s"),
+        "s_per_token": _sum(runs, "wall_s") / tokens if tokens else None,
+        "passes_per_token": _sum(runs, "forward_calls") / tokens if tokens else None,
+        "iterations_per_token": _sum(runs, "iterations") / tokens if tokens else None,
+        "texts": [r["text"] for r in runs],
+    }
+
+
+def run_leaves(
+    engine: Any, ks: list[int], prompts: int, n_tokens: int, rubric: str = "positive"
+) -> dict[str, Any]:
+    """Wall time and sequential forward passes per committed token for k leaves per round.
+
+    Per prompt the k values run back to back (machine noise hits them alike). With one
+    search the passes are sequential: a merged pass counts once.
+    """
+    from shared_core import RainConfig
+
+    out: dict[str, Any] = {"rubric": rubric, "max_new_tokens": n_tokens, "ks": ks}
+    presets = {
+        "paper": lambda k: _paper_config(seed=SEED, max_new_tokens=n_tokens, leaves_per_round=k),
+        "fast": lambda k: RainConfig.fast(seed=SEED, max_new_tokens=n_tokens, leaves_per_round=k),
+    }
+    for name, make in presets.items():
+        runs: dict[int, list[dict[str, Any]]] = {k: [] for k in ks}
+        for i, prompt in enumerate(PROMPTS[rubric][:prompts]):
+            for k in ks:
+                runs[k].append(_run_rain(engine, prompt, rubric, make(k)))
+                r = runs[k][-1]
+                _log(
+                    f"leaves {name} #{i} k={k}: {r['wall_s']:.1f}s, {r['tokens']} tok, "
+                    f"{r['forward_calls']} passes, {r['iterations']} it"
+                )
+        table = {str(k): _leaves_summary(runs[k]) for k in ks}
+        base = table[str(ks[0])]
+        for k in ks:
+            row = table[str(k)]
+            row["passes_ratio_vs_first"] = _ratio(base["passes_per_token"], row["passes_per_token"])
+            row["wall_ratio_vs_first"] = _ratio(base["s_per_token"], row["s_per_token"])
+        out[name] = table
+    return out
+
+
+def run_concurrency(
+    engine: Any, levels: list[int], n_tokens: int, rubric: str = "positive", k: int = 1
+) -> dict[str, Any]:
+    """Aggregate committed tokens/s of N concurrent ``fast`` searches, batching on and off.
+
+    Each search has its own prompt; with batching off their passes take turns (the
+    scheduler runs every pass alone), so the two runs of a request read identical
+    numbers, and the on/off comparison of its tokens measures what batching changes.
+    """
+    from shared_core import RainConfig
+
+    cfg = RainConfig.fast(seed=SEED, max_new_tokens=n_tokens, leaves_per_round=k)
+    prompts = [p for group in PROMPTS.values() for p in group]
+    scheduler = engine.backend.scheduler
+    out: dict[str, Any] = {"rubric": rubric, "max_new_tokens": n_tokens, "leaves_per_round": k}
+    alone: dict[str, list[int]] = {}
+    for enabled in (False, True):
+        scheduler.enabled = enabled
+        key = "batching_on" if enabled else "batching_off"
+        out[key] = {}
+        for n in levels:
+            results: list[Any] = [None] * n
+
+            def one(i: int, results: list[Any] = results) -> None:
+                results[i] = engine.generate(prompts[i], rubric=rubric, config=cfg)
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            work = engine.backend.work
+            calls0 = work.forward_calls
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            tokens = sum(r.completion_tokens for r in results)
+            row: dict[str, Any] = {
+                "searches": n,
+                "wall_s": wall,
+                "tokens": tokens,
+                "tokens_per_s": tokens / wall if wall else None,
+                "forward_passes": work.forward_calls - calls0,
+            }
+            if not enabled:
+                for i, r in enumerate(results):
+                    alone[prompts[i]] = list(r.token_ids)
+            else:
+                row["same_tokens_as_batching_off"] = sum(
+                    list(r.token_ids) == alone.get(prompts[i]) for i, r in enumerate(results)
+                )
+            out[key][str(n)] = row
+            _log(
+                f"concurrency {key} x{n}: {tokens} tok in {wall:.1f}s ({row['tokens_per_s']:.2f}/s)"
+            )
+    scheduler.enabled = True
+    for key in ("batching_on", "batching_off"):
+        one_alone = out[key][str(levels[0])]["tokens_per_s"]
+        for n in levels:
+            row = out[key][str(n)]
+            row["throughput_vs_first"] = _ratio(row["tokens_per_s"], one_alone)
+    return out
+
+
+def run_dev_positive_rate(
+    engine: Any, ks: list[int], items: int, n_tokens: int, start: int = 0
+) -> dict[str, Any]:
+    """VADER positive rate of RAIN (paper settings) at each k on the alignment dev split."""
+    from benchmarks.alignment import SENTIMENT_PROMPT, VaderJudge, load_split, wilson_ci
+
+    judge = VaderJudge()
+    openings = load_split("dev")[start : start + items]
+    flags: dict[int, list[bool]] = {k: [] for k in ks}
+    walls: dict[int, float] = dict.fromkeys(ks, 0.0)
+    texts: dict[int, list[str]] = {k: [] for k in ks}
+    for i, item in enumerate(openings):
+        prompt = SENTIMENT_PROMPT.format(opening=item["opening"])
+        for k in ks:
+            cfg = _paper_config(seed=SEED, max_new_tokens=n_tokens, leaves_per_round=k)
+            t0 = time.perf_counter()
+            res = engine.generate(prompt, rubric="positive", config=cfg)
+            walls[k] += time.perf_counter() - t0
+            flags[k].append(judge.is_positive(res.text))
+            texts[k].append(res.text)
+        _log(f"dev #{i} ({item['id']}): " + ", ".join(f"k={k} {flags[k][-1]}" for k in ks))
+    out: dict[str, Any] = {
+        "split": "dev",
+        "items": [o["id"] for o in openings],
+        "sample": f"{len(openings)} of {len(load_split('dev'))} dev openings (CPU budget)",
+        "max_new_tokens": n_tokens,
+        "preset": "paper",
+    }
+    base = flags[ks[0]]
+    for k in ks:
+        hits = sum(flags[k])
+        out[str(k)] = {
+            "positive_rate": hits / len(flags[k]) if flags[k] else None,
+            "wilson90": wilson_ci(hits, len(flags[k])),
+            "points_vs_first": 100.0 * (hits - sum(base)) / len(base) if base else None,
+            "same_verdict_as_first": sum(a == b for a, b in zip(flags[k], base, strict=True)),
+            "wall_s": walls[k],
+            "texts": texts[k],
+        }
+    return out
+
+
+def run_batching(args: argparse.Namespace, result: dict[str, Any] | None) -> dict[str, Any]:
+    """The batching section; adds its keys to ``result`` (or to a fresh one)."""
+    import torch
+
+    from shared_core import RainEngine
+
+    out = dict(result or {})
+    t0 = time.perf_counter()
+    engine = RainEngine.from_default()
+    engine.generate("Hello.", rubric="positive", max_new_tokens=1, seed=SEED)  # warm-up
+    out.setdefault("model", engine.model_name)
+    batching: dict[str, Any] = {
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_and_warmup_s": time.perf_counter() - t0,
+        "note": "timings on a shared 2-core machine: ratios come from runs side by side",
+    }
+    if args.leaves:
+        out["leaves_per_round"] = run_leaves(
+            engine, args.leaves, args.leaves_prompts, args.leaves_tokens
+        )
+    if args.concurrency:
+        out["concurrency"] = run_concurrency(engine, args.concurrency, args.concurrency_tokens)
+    if args.dev_items:
+        out["leaves_dev_positive_rate"] = run_dev_positive_rate(
+            engine, args.leaves or [1, 4], args.dev_items, args.leaves_tokens, args.dev_start
+        )
+    out["batching_environment"] = batching
+    return _rounded(out)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give integers separated by commas") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, e.g. 1,2,4")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
@@ -516,14 +727,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--long-tokens", type=int, default=None, help="memory-run answer length (0: skip)"
     )
+    batching = parser.add_argument_group("batching (issue 16)")
+    batching.add_argument("--leaves", type=_int_list, help="k values, e.g. 1,2,4,8")
+    batching.add_argument("--leaves-prompts", type=int, default=2, help="prompts per k")
+    batching.add_argument("--leaves-tokens", type=int, default=12, help="answer length per k")
+    batching.add_argument("--concurrency", type=_int_list, help="searches at once, e.g. 1,2,4")
+    batching.add_argument("--concurrency-tokens", type=int, default=16)
+    batching.add_argument(
+        "--dev-items", type=int, default=0, help="dev openings for the positive rate at each k"
+    )
+    batching.add_argument("--dev-start", type=int, default=0, help="first dev opening")
+    batching.add_argument(
+        "--batching-only",
+        action="store_true",
+        help="skip the measurements above; add the batching keys to the JSON at --out",
+    )
     args = parser.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    wants_batching = bool(args.leaves or args.concurrency or args.dev_items)
+    if args.batching_only and not wants_batching:
+        parser.error("--batching-only needs --leaves, --concurrency or --dev-items")
 
     def write(result: dict[str, Any]) -> str:
         text = json.dumps(result, indent=2, ensure_ascii=False)
         args.out.write_text(text + "\n", encoding="utf-8")
         return text
 
+    if args.batching_only:
+        previous = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else None
+        print(write(run_batching(args, previous)))
+        return 0
     result = run_benchmark(
         "quick" if args.quick else "full",
         max_new_tokens=args.max_new_tokens,
@@ -531,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
         long_tokens=args.long_tokens,
         on_progress=write,
     )
+    if wants_batching:
+        result = run_batching(args, result)
     print(write(result))
     return 0
 

@@ -172,7 +172,10 @@ def test_concurrent_decodes_share_passes_and_keep_their_tokens(tiny_model, threa
     assert work.forward_calls < ref_work.forward_calls
     assert work.extra["merged_passes"] >= 1
     if not threads:
-        assert work.forward_calls == 7  # one call's streams wait for each other
+        # One call's streams wait for each other: the prompts (5, 14, 23, 32 tokens) in
+        # two passes (5+14 padded to 14 is within 1.5x of the real positions, 23 is not;
+        # 23+32 is), then the six decode steps of all four in one pass each.
+        assert work.forward_calls == 2 + 6
 
 
 def test_batching_off_is_bit_identical_to_no_scheduler(tiny_model) -> None:
@@ -234,3 +237,14 @@ def test_a_bad_environment_value_is_an_error(monkeypatch) -> None:
     monkeypatch.setenv(BATCHING_ENV, "maybe")
     with pytest.raises(ValueError, match=BATCHING_ENV):
         batching_default()
+
+
+def test_passes_group_by_new_length_so_padding_stays_bounded(tiny_model) -> None:
+    scheduler = BatchScheduler(tiny_model, threading.RLock(), WorkCounter(), max_padding=1.5)
+    jobs = [
+        Job(torch.zeros((n, q), dtype=torch.long), None, 1)
+        for n, q in ((4, 1), (2, 30), (1, 1), (2, 24))
+    ]
+    groups = scheduler._groups(jobs)
+    # Decode steps (1 token) together; the two judge-like tails (24, 30) together.
+    assert [[int(j.input_ids.shape[1]) for j in g] for g in groups] == [[1, 1], [24, 30]]
