@@ -7,6 +7,7 @@ __all__ = [
     "RainConfigError",
     "RainError",
     "RainInputError",
+    "RainServerError",
     "RubricError",
 ]
 
@@ -29,3 +30,19 @@ class RubricError(RainError, ValueError):
 
 class RainCancelled(RainError):
     """The caller cancelled the search (asyncio cancel, KeyboardInterrupt, cancel event)."""
+
+
+class RainServerError(RainError):
+    """A served model failed: unreachable, timed out, an HTTP error, a missing feature.
+
+    The message names the URL, what failed and the fix; ``transient`` says whether a
+    retry may succeed (a refused connection, 502/503/504, a timeout).
+    """
+
+    def __init__(
+        self, message: str, *, url: str = "", status: int | None = None, transient: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+        self.transient = transient
