@@ -700,7 +700,11 @@ def run_batching(args: argparse.Namespace, result: dict[str, Any] | None) -> dic
         out["concurrency"] = run_concurrency(engine, args.concurrency, args.concurrency_tokens)
     if args.dev_items:
         out["leaves_dev_positive_rate"] = run_dev_positive_rate(
-            engine, args.leaves or [1, 4], args.dev_items, args.leaves_tokens, args.dev_start
+            engine,
+            args.dev_ks or args.leaves or [1, 4],
+            args.dev_items,
+            args.leaves_tokens,
+            args.dev_start,
         )
     out["batching_environment"] = batching
     return _rounded(out)
@@ -737,6 +741,12 @@ def main(argv: list[str] | None = None) -> int:
         "--dev-items", type=int, default=0, help="dev openings for the positive rate at each k"
     )
     batching.add_argument("--dev-start", type=int, default=0, help="first dev opening")
+    batching.add_argument(
+        "--dev-ks",
+        type=_int_list,
+        default=None,
+        help="k values of the dev run (default: --leaves or 1,4)",
+    )
     batching.add_argument(
         "--batching-only",
         action="store_true",

@@ -123,10 +123,18 @@ def test_one_leaf_per_round_is_the_recorded_search(name: str) -> None:
     assert _same(got, _reference()[name])
 
 
-def test_one_leaf_per_round_is_the_recorded_search_on_a_real_backend(tiny_engine) -> None:
-    backend = tiny_engine.backend
-    assert backend.scheduler.enabled  # batching on: one search alone runs its passes alone
-    assert _same(_run_tiny(tiny_engine, leaves_per_round=1), _reference()["tiny-real-backend"])
+@pytest.mark.parametrize("batching", [True, False], ids=["batching-on", "batching-off"])
+def test_one_leaf_per_round_is_the_recorded_search_on_a_real_backend(
+    tiny_engine, batching: bool
+) -> None:
+    # Batching on or off, one search alone runs each of its passes alone.
+    scheduler = tiny_engine.backend.scheduler
+    scheduler.enabled = batching
+    try:
+        got = _run_tiny(tiny_engine, leaves_per_round=1)
+    finally:
+        scheduler.enabled = True
+    assert _same(got, _reference()["tiny-real-backend"])
 
 
 # --- the virtual loss ----------------------------------------------------------------------
