@@ -30,8 +30,8 @@ TINY: dict[str, Any] = {
     "T": 3,
     "min_new_iterations": 1,
     "T_m": 2,
-    "max_new_tokens": 6,
-    "simulation_max_tokens": 3,
+    "max_new_tokens": 4,
+    "simulation_max_tokens": 2,
     "similarity_update": False,
     "dynamic_addition": False,
 }
@@ -41,17 +41,26 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def gemma():
+    import torch
+
     from shared_core import load_engine
 
-    return load_engine(GEMMA)
+    # One intra-op thread for this module: on the shared 2-core CPU two threads spin
+    # against the other jobs, and a 600-token pass took several times longer.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield load_engine(GEMMA)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _long_prefix(backend: Any, tokens: int) -> list[int]:
-    """A real prompt past Gemma's sliding window: ``<bos>`` and a long transcript."""
+    """The first ``tokens`` tokens of a real prompt (``<bos>``, a long transcript)."""
     lines = " ".join(f"Line {i}: the river runs past the old mill." for i in range(tokens // 8))
     ids = backend.encode(backend.render_chat([{"role": "user", "content": lines}]))
-    assert len(ids) > tokens
-    return ids
+    assert len(ids) >= tokens
+    return ids[:tokens]
 
 
 def test_loads_by_name_with_its_own_architecture(gemma):
@@ -72,9 +81,7 @@ def test_loads_by_name_with_its_own_architecture(gemma):
 
 def test_system_message_is_a_transcript_line_after_bos(gemma):
     backend = gemma.backend
-    text = backend.render_chat(
-        [{"role": "system", "content": "Answer in one word."}, *QUESTION]
-    )
+    text = backend.render_chat([{"role": "system", "content": "Answer in one word."}, *QUESTION])
     assert text == (
         "<bos>System: Answer in one word.\nUser: What is the capital of France?\nAssistant:"
     )
@@ -109,13 +116,12 @@ def test_reuse_is_exact_past_the_sliding_window(gemma):
     from shared_core.models.protocol import SampleRequest, TopTokensRequest
 
     backend = gemma.backend
-    ids = _long_prefix(backend, 640)
-    pinned = ids[:-40]
-    assert len(pinned) > 512
+    ids = _long_prefix(backend, 600)
+    pinned = ids[:560]  # past the 512-token window
     backend.pin(pinned)
     try:
-        # Shorter than the pin (the snapshot is cut), equal to it plus a tail, and longer.
-        prefixes = [tuple(ids[:-60]), tuple(ids[:-25]), tuple(ids)]
+        # Shorter than the pin (the snapshot is cut), the pin plus a tail, and longer.
+        prefixes = [tuple(ids[:540]), tuple(ids[:580]), tuple(ids)]
         before = backend.work.tokens_processed
         on = backend.top_tokens([TopTokensRequest(p, k=5) for p in prefixes])
         reused = backend.work.tokens_processed - before
@@ -126,10 +132,13 @@ def test_reuse_is_exact_past_the_sliding_window(gemma):
         for a, b in zip(on, off, strict=True):
             assert a.token_ids == b.token_ids
             assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
-        request = {"n": 3, "max_tokens": 5, "temperature": 1.0, "seed": 3, "greedy_rows": 1}
+        # Decoding: the cache repeated over a greedy and a sampled row, step by step.
+        request = {"n": 2, "max_tokens": 2, "temperature": 1.0, "seed": 3, "greedy_rows": 1}
         rows_on = backend.sample([SampleRequest(tuple(ids), **request)])[0]
         rows_off = backend.sample([SampleRequest(tuple(ids), reuse=False, **request)])[0]
         assert [r.token_ids for r in rows_on] == [r.token_ids for r in rows_off]
+        for a_row, b_row in zip(rows_on, rows_off, strict=True):
+            assert a_row.logprobs == pytest.approx(b_row.logprobs, abs=1e-3)
     finally:
         backend.unpin(pinned)
 
@@ -137,16 +146,15 @@ def test_reuse_is_exact_past_the_sliding_window(gemma):
 def test_engine_rain_and_vanilla(gemma):
     from shared_core import RainConfig
 
-    vanilla = gemma.vanilla(QUESTION, max_new_tokens=6)
-    assert vanilla.text.strip()
+    # A base model goes on to write the next turn; the documented stop string cuts it.
+    vanilla = gemma.vanilla(QUESTION, max_new_tokens=16, stop=("\nUser:",))
+    assert vanilla.text.strip() and "User:" not in vanilla.text
     cfg = RainConfig(**TINY)
     result = gemma.generate(QUESTION, rubric="positive", config=cfg)
     assert result.text.strip() and result.stats.iterations >= TINY["min_new_iterations"]
     # Reuse off recomputes every prefix from scratch: the same search, the same answer.
     again = gemma.generate(QUESTION, rubric="positive", config=cfg.merged(reuse_cache=False))
     assert again.text == result.text
-    harmless_on = gemma.self_evaluate(QUESTION, vanilla.text, rubric="harmless")
-    assert -1.0 <= harmless_on.score <= 1.0
 
 
 def test_chat_rain_on_gemma_with_a_system_message(gemma):
