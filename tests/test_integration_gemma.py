@@ -9,8 +9,9 @@ What Gemma brings that SmolLM2 does not, and each test below checks on the real 
   every layer's full history, so reuse stays exact past the window (the ``harmless``
   judge prompt alone is ~1,050 tokens).
 
-The model loads once for the module (~45 s of GGUF parsing and de-quantizing on a
-2-core CPU); every search is tiny so that the file stays near a minute and a half.
+The model loads once for the module (~45 s of GGUF parsing and de-quantizing on the
+2-core CPU when it is otherwise idle, over 100 s when it is shared); the tests after it
+take ~60 s, every search tiny.
 """
 
 from __future__ import annotations
