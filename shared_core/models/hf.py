@@ -328,7 +328,8 @@ class TransformersBackend(LanguageModel):
             {"role": m["role"], "content": m["content"]} for m in messages
         ]
         if self.has_chat_template:
-            system = [str(m["content"]) for m in msgs if m["role"] == "system"]
+            # Stripped: a template may trim what it writes (Llama 3's does).
+            system = [str(m["content"]).strip() for m in msgs if m["role"] == "system"]
             try:
                 text = self._apply_template(msgs, add_generation_prompt)
                 if all(s in text for s in system):
