@@ -117,7 +117,7 @@ def verdict(rubric: str, accuracy: float) -> str:
 
 def judge_check(
     engine: Any,
-    rubric: str,
+    rubric: Any,
     *,
     rows: Sequence[dict[str, Any]] | None = None,
     limit: int | None = None,
@@ -127,10 +127,12 @@ def judge_check(
     """The engine's judge accuracy on ``rubric``'s labelled set (or on ``rows``).
 
     ``engine``: a :class:`~shared_core.engine.RainEngine` (its evaluator judges:
-    the model itself, or its separate ``judge=``). ``workers`` > 1 judges rows
-    concurrently (a served model batches them).
+    the model itself, or its separate ``judge=``); ``rubric``: a preset name, or a
+    Rubric with ``rows``. ``workers`` > 1 judges rows concurrently (a served model
+    batches them).
     """
-    data = list(rows) if rows is not None else labelled_set(rubric)
+    name = str(getattr(rubric, "name", rubric))
+    data = list(rows) if rows is not None else labelled_set(name)
     if limit is not None:
         data = data[: max(0, limit)]
     if not data:
@@ -157,11 +159,11 @@ def judge_check(
     accuracy = sum(correct) / len(correct)
     return JudgeCheck(
         model=str(engine.model_name),
-        rubric=rubric,
+        rubric=name,
         n=len(data),
         accuracy=accuracy,
         tie_rate=sum(1 for s in scores if s == 0) / len(scores),
-        verdict=verdict(rubric, accuracy),
+        verdict=verdict(name, accuracy),
         scores=scores,
         good=good,
     )

@@ -48,11 +48,14 @@ class Replay:
     def __init__(self, exchanges: list[dict[str, Any]]) -> None:
         self.exchanges = list(exchanges)
         self.sent: list[tuple[str, dict[str, Any] | None]] = []
-        self.io = Io(post=self.post, get=self.get, url="http://recorded")
+        self.io = Io(post=self.post, get=self.get, stream=self.stream, url="http://recorded")
 
-    def _answer(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+    def _answer(
+        self, method: str, path: str, body: dict[str, Any] | None, stream: bool = False
+    ) -> Any:
         assert self.exchanges, f"unexpected {method} {path}"
         ex = self.exchanges.pop(0)
+        assert bool(ex.get("stream")) == stream, f"{path}: streamed {stream}, recorded not"
         self.sent.append((path, body))
         assert ex["path"] == path, f"sent {method} {path}, recorded {ex['path']}"
         if "body" in ex:
@@ -67,6 +70,9 @@ class Replay:
 
     async def get(self, path: str) -> Any:
         return self._answer("GET", path, None)
+
+    async def stream(self, path: str, body: dict[str, Any]) -> Any:
+        return self._answer("POST", path, body, stream=True)
 
 
 def run(coro: Any) -> Any:
@@ -242,4 +248,61 @@ def test_llamacpp_recorded(case: dict[str, Any]) -> None:
     else:
         got = run(dialect.label_logprobs(replay.io, args["prompts"], args["labels"]))
     assert got == case["expected"]
+    assert not replay.exchanges
+
+
+def _unstreamed(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The non-streamed answer a stream of events stands for (one final per sample)."""
+    finals: dict[int, dict[str, Any]] = {}
+    for ev in events:
+        final = finals.setdefault(ev["index"], {"tokens": [], "completion_probabilities": []})
+        if ev["stop"]:
+            final.update({k: v for k, v in ev.items() if k != "tokens"})
+        else:
+            final["tokens"] += ev["tokens"]
+            final["completion_probabilities"] += ev["completion_probabilities"]
+    return [finals[i] for i in sorted(finals)]
+
+
+def test_llamacpp_token_without_a_logprob_is_read_exactly() -> None:
+    """The server gives no log-prob for a token that ends mid-way through a UTF-8
+    character (an emoji's byte tokens); the dialect reads that one with a label read."""
+    case = next(c for c in LLAMACPP["calls"] if c["name"] == "sample_two_rows")
+    exchange = json.loads(json.dumps(case["exchanges"][0]))
+    answer = _unstreamed(exchange["response"])
+    first = answer[0]
+    hole = first["completion_probabilities"].pop(1)
+    args = case["args"]
+    read = {
+        "path": "/completion",
+        "body": {"prompt": [args["prefix"] + first["tokens"][:1]], "n_predict": 1},
+        "response": [
+            {
+                "index": 0,
+                "tokens_evaluated": len(args["prefix"]) + 1,
+                "completion_probabilities": [
+                    {"id": hole["id"], "logprob": hole["logprob"], "top_logprobs": [hole]}
+                ],
+            }
+        ],
+    }
+    replay = Replay([{"path": "/completion", "response": answer}, read])
+    replay.io.stream = None  # a transport without streaming: one JSON answer
+    rows = run(LlamaCppDialect(None).sample(replay.io, args["prefix"], **args["options"]))
+    assert [r.__dict__ for r in rows] == case["expected"]
+    assert not replay.exchanges
+
+
+def test_llamacpp_stream_missing_byte_tokens_is_asked_again_unstreamed() -> None:
+    case = next(c for c in LLAMACPP["calls"] if c["name"] == "sample_two_rows")
+    exchange = json.loads(json.dumps(case["exchanges"][0]))
+    events = exchange["response"]
+    answer = _unstreamed(events)
+    # Drop one partial event, as the server does for a byte token of an emoji.
+    dropped = next(i for i, ev in enumerate(events) if not ev["stop"] and ev["index"] == 0)
+    del events[dropped]
+    replay = Replay([exchange, {"path": "/completion", "response": answer}])
+    args = case["args"]
+    rows = run(LlamaCppDialect(None).sample(replay.io, args["prefix"], **args["options"]))
+    assert [r.__dict__ for r in rows] == case["expected"]
     assert not replay.exchanges

@@ -36,14 +36,17 @@ Design:
   on the returned tokens (a server's stop strings drop or reshape the tokens
   around the match). Same seed, same rows on one server; samples differ from
   the in-process backend's (another random stream).
-- **Grammar** (:class:`Grammar`, a JSON schema): the servers' structured
-  output constrains a request's *generated* tokens from the start of a JSON
-  document, but the search resumes mid-document (the response so far is in
-  the prompt). So a grammar request is decoded here, token by token, from the
-  server's raw top-N log-probs masked by a local xgrammar matcher (N grows
-  until enough allowed tokens are in it); a request whose response has not
-  started uses the server's own structured output (llama.cpp ``json_schema``,
-  vLLM ``structured_outputs``, SGLang ``json_schema``).
+- **Grammar** (:class:`Grammar`, a JSON schema) is applied here, with the
+  same xgrammar matcher as in process: a grammar request is decoded token by
+  token from the server's raw top-N log-probs (N grows until enough allowed
+  tokens are in it), masked locally. The servers' own structured output
+  (llama.cpp ``json_schema``, vLLM ``structured_outputs``, SGLang
+  ``json_schema``; the dialects map it) is not used by the search: it
+  constrains a request's generated tokens from the start of a JSON document,
+  while the search resumes mid-document (the response so far is in the
+  prompt), and each server's JSON grammar admits other whitespace than ours
+  (llama.cpp writes ``{\n  "a"\n:``), so a document the server began could be
+  rejected when the search continues it.
 - **Labels**: exact log-probs (llama.cpp top-20 plus a ``logit_bias`` forced
   read of any label outside it; vLLM ``/generative_scoring`` or the same
   forced read; SGLang ``token_ids_logprob``); never a silent 0.
@@ -228,7 +231,9 @@ class ServedModel(LanguageModel):
         self._loop = _Loop(
             url, headers, httpx.Timeout(timeout, connect=connect_timeout), max_connections
         )
-        self.io = Io(post=self._post, get=self._get, traffic=self.traffic, url=url)
+        self.io = Io(
+            post=self._post, get=self._get, stream=self._stream, traffic=self.traffic, url=url
+        )
         try:
             self.info, self.dialect = self._loop.run(self._detect(dialect, model), None)
             self._setup(model, tokenizer, context_window, name)
@@ -294,6 +299,8 @@ class ServedModel(LanguageModel):
         self.context_window = int(window)
         self.stop_token_ids = frozenset(self._stop_tokens())
         self._token_text: dict[int, str] = {}
+        self._all_token_texts: list[str] | None = None
+        self._delimiter_masks: Any = None
         if isinstance(self.dialect, VLLMDialect) and info.max_logprobs:
             self.dialect.max_logprobs = info.max_logprobs
         self._check_tokenizer()
@@ -370,7 +377,39 @@ class ServedModel(LanguageModel):
             )
 
     # --- HTTP ------------------------------------------------------------------------------
-    async def _request(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+    async def _send(
+        self, method: str, path: str, body: dict[str, Any] | None, stream: bool
+    ) -> tuple[httpx.Response, list[Any] | None]:
+        client = self._loop.client
+        if body is None:
+            return await client.request(method, path), None
+        content = json.dumps(body)
+        headers = {"Content-Type": "application/json"}
+        if not stream:
+            return await client.request(method, path, content=content, headers=headers), None
+        async with client.stream(method, path, content=content, headers=headers) as resp:
+            if resp.status_code >= 400:
+                await resp.aread()
+                return resp, None
+            events: list[Any] = []
+            async for line in resp.aiter_lines():
+                if line.startswith("data: "):
+                    data = line[len("data: ") :].strip()
+                    if data == "[DONE]":
+                        break
+                    events.append(json.loads(data))
+                elif line.startswith("error: "):
+                    events.append({"error": json.loads(line[len("error: ") :])})
+            return resp, events
+
+    async def _request(
+        self, method: str, path: str, body: dict[str, Any] | None, stream: bool = False
+    ) -> Any:
+        """One request with retries; ``stream``: read server-sent events (a list of them).
+
+        Streaming is how a cancel reaches llama-server: it notices a closed connection
+        when it next writes, and drops the work; a non-streaming request runs to its end.
+        """
         url = f"{self.base_url}{path}"
         error: RainServerError | None = None
         for attempt in range(self.retries + 1):
@@ -378,15 +417,7 @@ class ServedModel(LanguageModel):
                 self.traffic.retries += 1
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
-                if body is None:
-                    resp = await self._loop.client.request(method, path)
-                else:
-                    resp = await self._loop.client.request(
-                        method,
-                        path,
-                        content=json.dumps(body),
-                        headers={"Content-Type": "application/json"},
-                    )
+                resp, events = await self._send(method, path, body, stream)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 error = RainServerError(
                     f"{url}: cannot connect ({type(exc).__name__}: {exc or 'refused'}); is the "
@@ -417,6 +448,15 @@ class ServedModel(LanguageModel):
                 continue
             if resp.status_code >= 400:
                 raise self._http_error(url, resp, transient=False)
+            if events is not None:
+                for event in events:
+                    if isinstance(event, dict) and "error" in event:
+                        raise RainServerError(
+                            f"{url}: the server failed mid-answer: {event['error']}; check "
+                            "its log",
+                            url=url,
+                        )
+                return events
             try:
                 return resp.json()
             except ValueError:
@@ -461,6 +501,9 @@ class ServedModel(LanguageModel):
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
         return await self._request("POST", path, body)
 
+    async def _stream(self, path: str, body: dict[str, Any]) -> Any:
+        return await self._request("POST", path, body, stream=True)
+
     async def _get(self, path: str) -> Any:
         return await self._request("GET", path, None)
 
@@ -503,6 +546,12 @@ class ServedModel(LanguageModel):
             text = str(self.tokenizer.decode([token]))
             self._token_text[token] = text
         return text
+
+    def _token_texts(self) -> list[str]:
+        if self._all_token_texts is None:
+            ids = [[i] for i in range(self.vocab_size)]
+            self._all_token_texts = [str(t) for t in self.tokenizer.batch_decode(ids)]
+        return self._all_token_texts
 
     @property
     def has_chat_template(self) -> bool:
@@ -593,11 +642,7 @@ class ServedModel(LanguageModel):
             self._check_ids(r.prefix)
             self._check_length(len(r.prefix) + r.max_tokens)
         out: list[list[Continuation] | None] = [None] * len(requests)
-        plain = [
-            i
-            for i, r in enumerate(requests)
-            if r.grammar is None or len(r.prefix) == r.response_start
-        ]
+        plain = [i for i, r in enumerate(requests) if r.grammar is None]
         if plain:
             results = self._run(self._sample_all([requests[i] for i in plain]), cancel)
             for i, res in zip(plain, results, strict=True):
@@ -615,7 +660,6 @@ class ServedModel(LanguageModel):
             return [Continuation([], []) for _ in range(max(r.n, 0))]
         greedy = r.n if r.temperature == 0 else min(r.greedy_rows, r.n)
         sampled = r.n - greedy
-        schema = r.grammar.json_schema if r.grammar is not None else None
         # llama.cpp runs at most one sample per slot: split ``n`` to fit.
         per_request = self.info.slots or sampled or 1
         jobs = []
@@ -629,7 +673,6 @@ class ServedModel(LanguageModel):
                     temperature=0.0,
                     top_k=0,
                     seed=r.seed,
-                    json_schema=schema,
                 )
             )
         start = 0
@@ -644,7 +687,6 @@ class ServedModel(LanguageModel):
                     temperature=r.temperature,
                     top_k=r.top_k,
                     seed=r.seed + start,
-                    json_schema=schema,
                 )
             )
             start += size
@@ -707,7 +749,9 @@ class ServedModel(LanguageModel):
                             rows[pos, tok] = lp
             return rows
 
-        masks = DelimiterMasks(lambda: [self._text_of_token(i) for i in range(self.vocab_size)])
+        if self._delimiter_masks is None:
+            self._delimiter_masks = DelimiterMasks(self._token_texts)
+        masks = self._delimiter_masks
         return decode(
             r,
             step,

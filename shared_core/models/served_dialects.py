@@ -130,6 +130,8 @@ class Io:
 
     post: Post
     get: Get
+    stream: Post | None = None
+    """POST answered with server-sent events (the list of them); None: not available."""
     traffic: Traffic = field(default_factory=Traffic)
     url: str = ""
 
@@ -318,18 +320,71 @@ class LlamaCppDialect(Dialect):
             import json
 
             body["json_schema"] = json.loads(json_schema)
-        payload = await io.post("/completion", body)
-        rows = []
+        payload = await self._sample_payload(io, body, n)
+        rows: list[Row] = []
+        holes: list[tuple[int, int]] = []  # (row, position) of tokens the server gave no log-prob
         for r in self._results(io, payload, n, "a sampling request"):
             probs = r.get("completion_probabilities") or []
-            ids = [int(t["id"]) for t in probs]
-            lps = [float(t["logprob"]) for t in probs]
             tokens = [int(t) for t in r.get("tokens") or []]
-            if tokens and tokens != ids:
+            # The server reports no log-prob for a token that leaves the text mid-way
+            # through a UTF-8 character (an emoji's byte tokens): only for the token that
+            # completes it. ``tokens`` has them all; the others are read exactly below.
+            lps: list[float] = []
+            j = 0
+            for pos, tok in enumerate(tokens):
+                if j < len(probs) and int(probs[j]["id"]) == tok:
+                    lps.append(float(probs[j]["logprob"]))
+                    j += 1
+                else:
+                    lps.append(math.nan)
+                    holes.append((len(rows), pos))
+            if j != len(probs):
                 raise _bad_response(io, "a sampling request (tokens and log-probs differ)", r)
             finish = "stop" if r.get("stop_type") in ("eos", "word") else "length"
-            rows.append(Row(ids, lps, finish))
+            rows.append(Row(tokens, lps, finish))
+        if holes:
+            contexts = [list(prefix) + rows[i].token_ids[:pos] for i, pos in holes]
+            for (i, pos), context in zip(holes, contexts, strict=True):
+                (value,) = await self.label_logprobs(io, [context], [rows[i].token_ids[pos]])
+                rows[i].logprobs[pos] = value[0]
         return rows
+
+    @staticmethod
+    async def _sample_payload(io: Io, body: dict[str, Any], n: int) -> list[dict[str, Any]]:
+        """The final result of each of the ``n`` samples, log-probs included.
+
+        Streamed when the transport can (a cancel then stops the server's decoding): the
+        partial events carry each token's log-probs, the final one per sample its tokens,
+        stop type and timings.
+        """
+        if io.stream is None:
+            payload = await io.post("/completion", body)
+            return list(payload) if isinstance(payload, list) else [payload]
+        events = await io.stream("/completion", body | {"stream": True})
+        finals: dict[int, dict[str, Any]] = {}
+        probs: dict[int, list[Any]] = {}
+        tokens: dict[int, list[int]] = {}
+        for ev in events:
+            if not isinstance(ev, Mapping):
+                raise _bad_response(io, "a streamed sampling request", ev)
+            index = int(ev.get("index", 0))
+            probs.setdefault(index, []).extend(ev.get("completion_probabilities") or [])
+            if ev.get("stop"):
+                finals[index] = dict(ev)
+            else:
+                tokens.setdefault(index, []).extend(int(t) for t in ev.get("tokens") or [])
+        if len(finals) != n:
+            raise _bad_response(io, f"a streamed sampling request ({len(finals)} of {n})", events)
+        for index, final in finals.items():
+            final["completion_probabilities"] = probs.get(index, [])
+            final["tokens"] = tokens.get(index, [])
+            if len(final["tokens"]) != int(final.get("tokens_predicted", 0)):
+                # A streamed event carries only the token that completes a UTF-8
+                # character, not the byte tokens before it: ask again unstreamed
+                # (same seed, same samples), where the final answer lists every token.
+                payload = await io.post("/completion", body)
+                return list(payload) if isinstance(payload, list) else [payload]
+        return [finals[i] for i in sorted(finals)]
 
     async def label_logprobs(
         self, io: Io, prompts: Sequence[Sequence[int]], label_ids: Sequence[int]

@@ -51,6 +51,8 @@ class LlamaServer:
     """A ``llama-server`` process on 127.0.0.1 and a free port.
 
     ``parallel`` slots share ``ctx`` tokens (each request may use ``ctx / parallel``).
+    ``port``: a fixed port (default: a free one), e.g. to restart a server where clients
+    expect it.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class LlamaServer:
         threads: int = 1,
         binary: str | os.PathLike[str] | None = None,
         extra_args: tuple[str, ...] = (),
+        port: int | None = None,
     ) -> None:
         if model is None:
             from shared_core.models.hf import default_gguf_path
@@ -73,7 +76,8 @@ class LlamaServer:
         self.ctx = ctx
         self.threads = threads
         self.extra_args = extra_args
-        self.port = 0
+        self.port = port or 0
+        self._fixed_port = port is not None
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -90,7 +94,8 @@ class LlamaServer:
         return data[-n:].decode("utf-8", "replace")
 
     def start(self, timeout: float = 60.0) -> LlamaServer:
-        self.port = _free_port()
+        if not self._fixed_port:
+            self.port = _free_port()
         # Kept open for the server's lifetime (closed in stop()), so no context manager.
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115
             prefix="llama-server-", suffix=".log", delete=False

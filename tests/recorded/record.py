@@ -25,13 +25,23 @@ class Recorder:
     def __init__(self, url: str) -> None:
         self.url = url
         self.exchanges: list[dict[str, Any]] = []
-        self.io = Io(post=self.post, get=self.get, url=url)
+        self.io = Io(post=self.post, get=self.get, stream=self.stream, url=url)
 
     async def post(self, path: str, body: dict[str, Any]) -> Any:
         resp = httpx.post(self.url + path, json=body, timeout=120)
         resp.raise_for_status()
         self.exchanges.append({"path": path, "body": body, "response": resp.json()})
         return resp.json()
+
+    async def stream(self, path: str, body: dict[str, Any]) -> Any:
+        events = []
+        with httpx.stream("POST", self.url + path, json=body, timeout=120) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if line.startswith("data: ") and line[6:].strip() != "[DONE]":
+                    events.append(json.loads(line[6:]))
+        self.exchanges.append({"path": path, "stream": True, "body": body, "response": events})
+        return events
 
     async def get(self, path: str) -> Any:
         resp = httpx.get(self.url + path, timeout=30)
