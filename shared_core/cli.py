@@ -70,7 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--gguf-file", help="GGUF file name inside --model's folder or repo")
     parser.add_argument(
+        "--base-url",
+        help="a served model (llama-server, vLLM, SGLang) at this URL; --model is then its "
+        "served name (default: the one it serves)",
+    )
+    parser.add_argument("--api-key", help="the server's API key (with --base-url)")
+    parser.add_argument("--dialect", choices=["llamacpp", "vllm", "sglang"],
+                        help="the server's API (default: detected)")
+    parser.add_argument(
         "--fast", action="store_true", help="the latency preset (RainConfig.fast())"
+    )
+    parser.add_argument(
+        "--best-of",
+        type=_positive_int,
+        metavar="N",
+        help="no search: sample N answers and keep the one the rubric's self-evaluation "
+        "scores highest (the best-of-N baseline; RainConfig.best_of)",
     )
     parser.add_argument("--max-new-tokens", type=_positive_int, metavar="N")
     parser.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
@@ -108,6 +123,11 @@ def main(
     """Run the command line; returns the exit status (the console script exits with it)."""
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["judge-check"]:  # a subcommand; any other first word is a prompt
+        from shared_core.judge_check import main as judge_check_main
+
+        return judge_check_main(argv[1:], stdout=out, stderr=err)
     args = build_parser().parse_args(argv)  # argparse exits 2 on malformed options
     try:
         return _run(args, engine_factory or _load, out, err)
@@ -139,7 +159,18 @@ def _run(args: argparse.Namespace, factory: EngineFactory, out: IO[str], err: IO
 
     if not args.quiet:
         err.write(f"rain: loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...\n")
-    engine = factory(args.model, args.gguf_file)
+    if args.base_url:
+        if args.gguf_file:
+            raise _UsageError("--gguf-file is for a local model; drop it with --base-url")
+        from shared_core.judge_check import served_engine
+
+        engine = served_engine(
+            args.base_url, args.model, api_key=args.api_key, dialect=args.dialect
+        )
+    elif args.api_key or args.dialect:
+        raise _UsageError("--api-key and --dialect are for a served model; add --base-url")
+    else:
+        engine = factory(args.model, args.gguf_file)
     engine.prompt_ids(messages)  # validate the prompt (length, roles) before any work
 
     vanilla: RainResult | None = None
@@ -311,7 +342,12 @@ def _read_config(args: argparse.Namespace) -> RainConfig:
         if not sep or not key.strip():
             raise _UsageError(f"--set expects KEY=VALUE, got {item!r}")
         data[key.strip()] = _parse_value(raw)
-    call = {"config": data, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    call = {
+        "config": data,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        "best_of": args.best_of,
+    }
     flags = {k: v for k, v in call.items() if v is not None}
     return resolve(CLI, defaults=RainConfig(), call=flags).config
 

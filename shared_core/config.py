@@ -8,7 +8,7 @@ reference code where the paper is silent (see ``shared/RAIN.md``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -18,7 +18,12 @@ __all__ = ["RainConfig", "build_config"]
 
 
 class RainConfig(BaseModel):
-    """Search and decoding settings. Invalid values fail at construction."""
+    """Search and decoding settings. Invalid values fail at construction.
+
+    The field defaults are the paper's constants (:meth:`paper`); :meth:`tuned` and
+    :meth:`tuned_fast` are the settings chosen on the alignment benchmark's dev split
+    within 10x and 4x greedy's time (README, Alignment).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -32,8 +37,8 @@ class RainConfig(BaseModel):
     num_candidates: int = Field(10, ge=1, le=64)
     """Candidate token sets per expansion, *k* (reference code: about 10)."""
     token_set_lengths: tuple[int, ...] = (1, 2, 4, 10)
-    """Token-set length by the expanded node's depth from the start of the answer (the
-    reference code's schedule); the last entry repeats."""
+    """Token-set length by the expanded node's depth from the start of the answer; the
+    last entry repeats."""
     expansion_top_k: int = Field(15, ge=1)
     """Sample multi-token candidates from the top-k distribution (reference code: 15)."""
     expansion_temperature: float = Field(1.0, gt=0.0)
@@ -44,6 +49,11 @@ class RainConfig(BaseModel):
     children only when the search returns to it: far fewer multi-token expansions."""
     root_prior_mix: float = Field(0.25, ge=0.0, le=1.0)
     """Weight of the uniform prior mixed into the root's children: (1-w)·p + w/k (code: 0.25)."""
+    prior_length_norm: bool = False
+    """Prior of a token set from the geometric mean of its token probabilities (the
+    product's L-th root) instead of their product, renormalised over siblings. A product
+    of 8 or 10 token probabilities gives the greedy set ~99 % of the mass, so PUCT never
+    looks at a sibling; per token, the priors stay comparable across set lengths."""
 
     # --- Simulation ---------------------------------------------------------------------
     simulate: bool = True
@@ -90,6 +100,27 @@ class RainConfig(BaseModel):
     """Value threshold V of the early commit (reference code: 0.8)."""
     greedy_early_commit: bool = False
     """Fast path: commit the greedy child as soon as its first evaluation is ≥ V."""
+    commit_rule: Literal["visits", "value"] = "visits"
+    """Which child a commit takes: ``visits``, the most visited (the paper; ties: higher
+    value), or ``value``, the visited child with the highest value (ties: more visits).
+    With a few iterations per commit, visit counts mostly tie or follow the prior, and
+    the most visited child was below a sibling's value on 30 % of commits (dev split)."""
+    final_check: bool = False
+    """Also decode the answer greedily, judge it by the same rubric, and return it instead
+    when the judge scores it above the search's answer: the search never ends below
+    greedy decoding by its own judge. Costs one greedy decode and one evaluation; a
+    stream holds its token sets until the check is done."""
+
+    # --- Best-of-N (the paper's Table 5 baseline) ---------------------------------------
+    best_of: int = Field(0, ge=0, le=256)
+    """0: the RAIN search. N ≥ 1: no search; sample N whole answers in one batched call and
+    return the one the self-evaluation scores highest (ties: the first drawn)."""
+    best_of_temperature: float = Field(0.7, gt=0.0)
+    """Sampling temperature of the best-of-N answers."""
+    best_of_top_k: int = Field(50, ge=0)
+    """Sample best-of-N answers from the top-k tokens (at T=0.7 the top 50 hold nearly
+    all the mass); 0: the whole vocabulary, which on a CPU costs ~20 ms per drawn token
+    for sorting a 49k vocabulary -- more than the model's forward pass."""
 
     # --- Decoding limits and stops ------------------------------------------------------
     max_new_tokens: int = Field(256, ge=1)
@@ -143,6 +174,18 @@ class RainConfig(BaseModel):
         return self
 
     @classmethod
+    def paper(cls, **overrides: Any) -> RainConfig:
+        """The paper's constants, and the reference code's where the paper is silent
+        (``shared/RAIN.md``): 10 candidates, token sets of 1, 2, 4, then 10 tokens,
+        T=50 (≥ 15 new iterations per commit), T_m=6, V=0.8, c=2, a 0.25 uniform mix
+        at the root, similarity update and dynamic node addition. For reproduction:
+        on a CPU it takes ~50× the time of greedy decoding."""
+        base: dict[str, Any] = {name: f.default for name, f in cls.model_fields.items()}
+        base.update(_PAPER)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
     def fast(cls, **overrides: Any) -> RainConfig:
         """A latency preset.
 
@@ -176,6 +219,56 @@ class RainConfig(BaseModel):
         base.update(overrides)
         return cls(**base)
 
+    @classmethod
+    def tuned(cls, **overrides: Any) -> RainConfig:
+        """The ≤ 10× preset measured in the alignment benchmark (README, Alignment):
+        chosen on the dev split, reported on the test split.
+
+        4 candidates of 8-token sets at every depth, a uniform root prior (the judge, not
+        the product prior, decides between the root's candidates), T=6 with at least 3
+        new iterations per commit (T_m=2, V=0.8, greedy early commit), 8-token rollouts,
+        commit by value, and a final check: the greedy answer is decoded and judged too,
+        and returned when the judge scores it higher. No similarity update or dynamic
+        addition (no sentence embeddings). A stream holds its token sets until the check.
+        """
+        base: dict[str, Any] = {**_TUNED, **overrides}
+        return cls(**base)
+
+    @classmethod
+    def tuned_fast(cls, **overrides: Any) -> RainConfig:
+        """The ≤ 4× preset measured in the alignment benchmark (README, Alignment): chosen
+        on the dev split, reported on the test split; it replaces :meth:`fast` once the
+        tests that pin the old fast preset are updated.
+
+        4 candidates of 16-token sets (a 32-token answer is two commits), T=4 (each
+        candidate judged about once; at least 2 new iterations; T_m=2), leaves expanded
+        only on their second visit, commit by value, greedy early commit at V=0.8,
+        8-token rollouts, a uniform root prior, no similarity update or dynamic
+        addition (no sentence embeddings) and no final check against greedy (it would
+        cost a greedy decode). Trade-off: coarse, once-judged choices, so a bad branch
+        that only shows later is caught less often, and the answer can end below
+        greedy's by the judge.
+        """
+        base: dict[str, Any] = {
+            "num_candidates": 4,
+            "token_set_lengths": (16,),
+            "expand_after_visits": 1,
+            "T": 4,
+            "min_new_iterations": 2,
+            "T_m": 2,
+            "V": 0.8,
+            "greedy_early_commit": True,
+            "commit_rule": "value",
+            "final_check": False,
+            "root_prior_mix": 1.0,
+            "prior_length_norm": False,
+            "simulation_max_tokens": 8,
+            "similarity_update": False,
+            "dynamic_addition": False,
+        }
+        base.update(overrides)
+        return cls(**base)
+
     def merged(self, **overrides: Any) -> RainConfig:
         """A copy with some fields replaced, validated like a new config."""
         if not overrides:
@@ -189,6 +282,52 @@ class RainConfig(BaseModel):
         return self.token_set_lengths[min(depth, len(self.token_set_lengths) - 1)]
 
 
+_PAPER: dict[str, Any] = {
+    "c": 2.0,
+    "unvisited_value": 0.0,
+    "num_candidates": 10,
+    "token_set_lengths": (1, 2, 4, 10),
+    "expansion_top_k": 15,
+    "expansion_temperature": 1.0,
+    "expand_after_visits": 0,
+    "root_prior_mix": 0.25,
+    "prior_length_norm": False,
+    "simulate": True,
+    "simulation_max_tokens": 24,
+    "similarity_update": True,
+    "gamma_s": 0.2,
+    "similarity_threshold": 0.95,
+    "dynamic_addition": True,
+    "T": 50,
+    "min_new_iterations": 15,
+    "T_m": 6,
+    "V": 0.8,
+    "greedy_early_commit": False,
+    "commit_rule": "visits",
+    "final_check": False,
+    "leaves_per_round": 1,
+    "best_of": 0,
+}
+"""The search constants of :meth:`RainConfig.paper`, whatever the field defaults become."""
+
+_TUNED: dict[str, Any] = {
+    "num_candidates": 4,
+    "token_set_lengths": (8,),
+    "root_prior_mix": 1.0,
+    "T": 6,
+    "min_new_iterations": 3,
+    "T_m": 2,
+    "V": 0.8,
+    "greedy_early_commit": True,
+    "simulation_max_tokens": 8,
+    "similarity_update": False,
+    "dynamic_addition": False,
+    "commit_rule": "value",
+    "final_check": True,
+}
+"""The fields :meth:`RainConfig.tuned` sets (the others keep their defaults)."""
+
+
 def build_config(
     data: Mapping[str, Any] | RainConfig | str | None = None, **overrides: Any
 ) -> RainConfig:
@@ -200,7 +339,7 @@ def build_config(
     if data is not None and not isinstance(data, Mapping):
         raise RainConfigError(
             f"a config must be a RainConfig, a dict of settings or a preset name "
-            f"('default', 'fast'), not {type(data).__name__}"
+            f"('default', 'fast', 'paper', 'tuned', 'tuned_fast'), not {type(data).__name__}"
         )
     payload = dict(data or {})
     bad_keys = [k for k in payload if not isinstance(k, str)]
@@ -210,8 +349,17 @@ def build_config(
     payload.update(overrides)
     if preset == "fast":
         return RainConfig.fast(**payload)
+    if preset == "paper":
+        return RainConfig.paper(**payload)
+    if preset == "tuned":
+        return RainConfig.tuned(**payload)
+    if preset == "tuned_fast":
+        return RainConfig.tuned_fast(**payload)
     if preset not in (None, "default"):
-        raise RainConfigError(f"unknown config preset {preset!r}; use 'default' or 'fast'")
+        raise RainConfigError(
+            f"unknown config preset {preset!r}; "
+            "use 'default', 'fast', 'paper', 'tuned' or 'tuned_fast'"
+        )
     return RainConfig(**payload)
 
 

@@ -84,6 +84,10 @@ class SearchStats:
     nodes: int = 1
     final_score: float | None = None
     """Self-evaluation score of the final answer, in [-1, 1]."""
+    greedy_score: float | None = None
+    """With ``final_check``: the self-evaluation of the greedy answer."""
+    kept_greedy: bool = False
+    """With ``final_check``: the greedy answer scored higher and was returned instead."""
     budget_exhausted: str | None = None
     """Which budget ran out (max_time_s, max_iterations, max_nodes), if any."""
     breakdown_s: dict[str, float] = field(
@@ -102,6 +106,8 @@ class SearchStats:
             "dynamic_additions": self.dynamic_additions,
             "nodes": self.nodes,
             "final_score": self.final_score,
+            "greedy_score": self.greedy_score,
+            "kept_greedy": self.kept_greedy,
             "budget_exhausted": self.budget_exhausted,
             "breakdown_s": {k: round(v, 4) for k, v in self.breakdown_s.items()},
         }
@@ -269,7 +275,10 @@ def select(tree: Tree, config: RainConfig) -> list[Node]:
 
 
 def _make_node(ctx: SearchContext, path: list[Node], tokens: list[int], logp: float) -> Node:
-    node = Node(tuple(tokens), raw_prob=math.exp(logp))
+    # Length-normalised: the geometric mean of the token probabilities, so a set of 8
+    # or 10 tokens is not ~99 % greedy by construction (issue 13).
+    per = logp / max(len(tokens), 1) if ctx.config.prior_length_norm else logp
+    node = Node(tuple(tokens), raw_prob=math.exp(per))
     # Terminal: the answer's own end rules (stop token, stop string, length) end it here.
     node.terminal = ctx.request.end_reason(path_tokens(path) + tokens) is not None
     return node
@@ -692,8 +701,15 @@ def _count_rewind(ctx: SearchContext, path: list[Node], iteration: int) -> None:
 # --- the commit rule -------------------------------------------------------------------------
 
 
-def choose_commit(root: Node) -> Node:
-    """The most visited child; ties go to the higher value, then the higher prior."""
+def choose_commit(root: Node, config: RainConfig | None = None) -> Node:
+    """The most visited child; ties go to the higher value, then the higher prior.
+
+    With ``commit_rule="value"``: the visited child with the highest value (ties: more
+    visits, then the prior) -- with few iterations per commit, visit counts say little.
+    """
+    if config is not None and config.commit_rule == "value":
+        visited = [c for c in root.children if c.visits > 0] or root.children
+        return max(visited, key=lambda c: (c.value, c.visits, c.prior))
     return max(root.children, key=lambda c: (c.visits, c.value, c.prior))
 
 
@@ -703,7 +719,7 @@ def should_commit(root: Node, new_iterations: int, config: RainConfig) -> bool:
         return False
     if root.visits >= config.T and new_iterations >= min(config.min_new_iterations, config.T):
         return True
-    best = choose_commit(root)
+    best = choose_commit(root, config)
     return new_iterations >= config.T_m and best.visits > 0 and best.value >= config.V
 
 
@@ -755,14 +771,14 @@ def search_root(ctx: SearchContext, tree: Tree) -> tuple[Node | None, int, str |
         forced = _budget_left(ctx)
         if forced is not None:
             ctx.stats.budget_exhausted = forced
-            chosen = choose_commit(tree.root) if tree.root.children else None
+            chosen = choose_commit(tree.root, ctx.config) if tree.root.children else None
             return chosen, iterations, forced
         iterations += len(run_round(ctx, tree, _round_size(ctx)))
         early = _greedy_ready(tree.root, ctx.config)
         if early is not None:
             return early, iterations, None
         if should_commit(tree.root, iterations, ctx.config):
-            return choose_commit(tree.root), iterations, None
+            return choose_commit(tree.root, ctx.config), iterations, None
 
 
 def _round_size(ctx: SearchContext) -> int:

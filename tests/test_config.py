@@ -9,8 +9,8 @@ from shared_core import RainConfig, RainConfigError
 from shared_core.config import build_config
 
 
-def test_defaults_are_the_papers_and_reference_codes_constants() -> None:
-    cfg = RainConfig()
+def test_paper_preset_keeps_the_papers_and_reference_codes_constants() -> None:
+    cfg = RainConfig.paper()
     assert cfg.c == 2.0  # PUCT exploration, paper
     assert cfg.num_candidates == 10
     assert cfg.token_set_lengths == (1, 2, 4, 10)
@@ -23,6 +23,11 @@ def test_defaults_are_the_papers_and_reference_codes_constants() -> None:
     assert cfg.unvisited_value == 0.0
     assert cfg.simulate and cfg.similarity_update and cfg.dynamic_addition
     assert cfg.reuse_cache
+    assert cfg.simulation_max_tokens == 24 and cfg.expand_after_visits == 0
+    assert not (cfg.greedy_early_commit or cfg.final_check or cfg.prior_length_norm)
+    assert cfg.best_of == 0  # the search, not best-of-N
+    assert RainConfig.paper(seed=3, T=60).T == 60  # overrides go over the preset
+    assert build_config("paper") == cfg == build_config({"preset": "paper"})
 
 
 def test_every_field_documents_itself() -> None:
@@ -38,7 +43,7 @@ def test_every_field_documents_itself() -> None:
 
 
 def test_token_set_length_grows_with_depth_and_the_last_repeats() -> None:
-    cfg = RainConfig()
+    cfg = RainConfig.paper()
     assert [cfg.token_set_length(d) for d in range(6)] == [1, 2, 4, 10, 10, 10]
 
 
@@ -97,8 +102,9 @@ def test_build_config_from_plain_data_and_presets() -> None:
     assert build_config(None) == RainConfig()
     fast = build_config({"preset": "fast", "seed": 3})
     assert fast == RainConfig.fast(seed=3)
-    assert fast.num_candidates < RainConfig().num_candidates and fast.T < RainConfig().T
-    with pytest.raises(RainConfigError, match="unknown config preset"):
+    paper = RainConfig.paper()
+    assert fast.num_candidates < paper.num_candidates and fast.T < paper.T
+    with pytest.raises(RainConfigError, match="'paper', 'tuned' or 'tuned_fast'"):
         build_config({"preset": "turbo"})
     with pytest.raises(RainConfigError, match=r"RainConfig\.c"):
         build_config({"c": -2})
@@ -114,7 +120,7 @@ def test_min_new_iterations_is_capped_at_t_so_a_small_t_alone_is_valid() -> None
     from shared_core.search import should_commit
     from shared_core.tree import Node
 
-    cfg = RainConfig(T=6, T_m=2)  # min_new_iterations keeps its default of 15
+    cfg = RainConfig.paper(T=6, T_m=2)  # min_new_iterations keeps the paper's 15
     root = Node(())
     root.add_children([Node((1,), raw_prob=1.0)])
     root.visits = 6.0
