@@ -8,7 +8,9 @@ Part 1 sends prompts through a real LCEL chain (prompt | ChatRain) with the rubr
 the run config. Part 2 asks questions of a real LlamaIndex query engine (RainLLM over a
 VectorStoreIndex with the bundled all-MiniLM-L6-v2), switching the rubric per query.
 Each RAIN answer is shown beside greedy decoding of the same prompt, with the
-self-evaluation score of both, the search's iterations and rewinds, and the time.
+self-evaluation score of both, the search's iterations and rewinds, and the time. For
+the prompts judged by the ``positive`` rubric it also shows VADER's compound score, a
+sentiment judge the search did not optimise (lexicon-based, not a language model).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ RAG_QUERIES = (
 )
 COLUMN = 46
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+VADER_RUBRICS = ("positive",)  # rubrics whose answers VADER can judge independently
+VADER_POSITIVE = 0.05  # VADER's documented threshold for a positive text
 WEAK_RUBRICS = ("truthful", "harmless")  # rubrics the 135M model cannot judge well
 SMALL_MODEL_NOTE = (
     "Rubric choice: SmolLM2-135M judges sentiment ('positive') fairly well, but it cannot "
@@ -66,10 +70,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-new-tokens", type=int, default=24, metavar="N")
     parser.add_argument(
-        "--full",
-        action="store_true",
-        help="the paper's search settings instead of the fast preset (seconds per token on a CPU)",
+        "--preset",
+        choices=("fast", "default", "paper", "tuned", "tuned_fast"),
+        default="fast",
+        help="search preset: fast (default here), default (RainConfig(), the paper's "
+        "constants: seconds per token on a CPU), paper (the same), or tuned / tuned_fast "
+        "(chosen on the alignment benchmark's dev split: README, Alignment)",
     )
+    parser.add_argument("--full", action="store_true", help="same as --preset paper")
     parser.add_argument("--plot", metavar="FILE", help="save a picture of one search (PNG, SVG)")
     parser.add_argument("--skip-rag", action="store_true", help="only the LangChain part")
     return parser.parse_args(argv)
@@ -158,8 +166,34 @@ def side_by_side(title: str, rows: list[dict[str, Any]]) -> None:
     print("  " + " | ".join(f"{_numbers(r):<{COLUMN}}" for r in rows))
 
 
+class _Vader:
+    """VADER's compound score in [-1, 1], or None where vaderSentiment is not installed."""
+
+    def __init__(self) -> None:
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            self._analyzer = None
+        else:
+            self._analyzer = SentimentIntensityAnalyzer()
+
+    @property
+    def available(self) -> bool:
+        return self._analyzer is not None
+
+    def __call__(self, text: str) -> float | None:
+        if self._analyzer is None:
+            return None
+        return float(self._analyzer.polarity_scores(text)["compound"])
+
+
+VADER = _Vader()
+
+
 def _numbers(row: dict[str, Any]) -> str:
     parts = [f"self-eval {row['score']:+.2f}"]
+    if row.get("vader") is not None:
+        parts.append(f"VADER {row['vader']:+.2f}")
     if row.get("iterations") is not None:
         parts.append(f"{row['iterations']} it, {row['rewinds']} rewinds")
     parts.append(f"{row['time']:.1f} s")
@@ -297,15 +331,22 @@ def _compare(
 ) -> dict[str, Any]:
     v_score = engine.self_evaluate(messages, vanilla.text, rubric=rubric).score
     r_score = engine.self_evaluate(messages, text, rubric=rubric).score
+    judged = rubric in VADER_RUBRICS  # VADER measures sentiment, nothing else
     rain_row = {
         "name": "RAIN",
         "text": text,
         "score": r_score,
+        "vader": VADER(text) if judged else None,
         "iterations": stats.get("iterations", 0),
         "rewinds": stats.get("rewinds", 0),
         "time": elapsed,
     }
-    van_row = {"name": "vanilla (greedy)", "text": vanilla.text, "score": v_score}
+    van_row = {
+        "name": "vanilla (greedy)",
+        "text": vanilla.text,
+        "score": v_score,
+        "vader": VADER(vanilla.text) if judged else None,
+    }
     van_row["time"] = vanilla.elapsed_s
     side_by_side(title, [van_row, rain_row])
     if rubric in WEAK_RUBRICS and engine.model_name == DEFAULT_MODEL:
@@ -314,23 +355,60 @@ def _compare(
     return {"vanilla": van_row, "rain": rain_row, "overrides": stats.get("overrides", 0)}
 
 
+def summary_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """What the numbers above say, and no more: counts, means, and where RAIN lost."""
+    n = len(rows)
+    v_mean = sum(r["vanilla"]["score"] for r in rows) / n
+    r_mean = sum(r["rain"]["score"] for r in rows) / n
+    changed = sum(1 for r in rows if r["rain"]["text"].strip() != r["vanilla"]["text"].strip())
+    higher = sum(1 for r in rows if r["rain"]["score"] > r["vanilla"]["score"] + 1e-6)
+    lower = sum(1 for r in rows if r["rain"]["score"] < r["vanilla"]["score"] - 1e-6)
+    lines = [
+        f"  self-evaluation (the judge the search optimised), {n} prompts: mean vanilla "
+        f"{v_mean:+.2f}, RAIN {r_mean:+.2f}; RAIN higher on {higher}, lower on {lower}, "
+        f"equal on {n - higher - lower}",
+        f"  answers changed by the search: {changed}/{n}",
+    ]
+    judged = [r for r in rows if r["vanilla"].get("vader") is not None]
+    if judged:
+        pos = [
+            sum(1 for r in judged if r[k]["vader"] >= VADER_POSITIVE) for k in ("vanilla", "rain")
+        ]
+        v_vader = sum(r["vanilla"]["vader"] for r in judged) / len(judged)
+        r_vader = sum(r["rain"]["vader"] for r in judged) / len(judged)
+        lines.append(
+            f"  VADER (a judge the search did not see), {len(judged)} sentiment prompts: "
+            f"positive vanilla {pos[0]}/{len(judged)}, RAIN {pos[1]}/{len(judged)}; "
+            f"mean compound {v_vader:+.2f} -> {r_vader:+.2f}"
+        )
+    elif not VADER.available:
+        lines.append("  (install vaderSentiment to see an independent sentiment judge)")
+    v_time = sum(r["vanilla"]["time"] for r in rows)
+    r_time = sum(r["rain"]["time"] for r in rows)
+    lines.append(
+        f"  time: vanilla {v_time:.1f} s, RAIN {r_time:.1f} s (RAIN is slower: it searches)"
+    )
+    lines.append(
+        f"  {n} prompts show the mechanics; they measure nothing. Measured figures (a held-out\n"
+        "  test split, greedy and best-of-N baselines, 90 % intervals): README, Alignment."
+    )
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    from shared_core import RainConfig, RainError, load_engine
+    from shared_core import RainError, load_engine
+    from shared_core.config import build_config
 
-    config = (
-        RainConfig(max_new_tokens=args.max_new_tokens)
-        if args.full
-        else RainConfig.fast(max_new_tokens=args.max_new_tokens)
-    )
+    preset = "paper" if args.full else args.preset
+    config = build_config(preset, max_new_tokens=args.max_new_tokens)
     print("RAIN — Rewindable Auto-regressive INference (Li et al., ICLR 2024)")
     print("A frozen model searches over its own continuations, judges them with a")
     print("self-evaluation prompt (the rubric), rewinds bad branches and commits the rest.")
     print(f"\n{SMALL_MODEL_NOTE if args.model is None else ''}".rstrip())
     name = args.model or "the embedded SmolLM2-135M-Instruct"
-    preset = "paper defaults" if args.full else "fast preset"
-    print(f"\nLoading {name} ... (search: {preset}, max {config.max_new_tokens} new tokens)")
+    print(f"\nLoading {name} ... (search: {preset} preset, max {config.max_new_tokens} new tokens)")
     try:
         engine = load_engine(args.model, args.gguf_file)
         rows = run_chain(engine, config, args.rubric, args)
@@ -344,19 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
     print("\n=== Summary ===")
-    n = len(rows)
-    v_mean = sum(r["vanilla"]["score"] for r in rows) / n
-    r_mean = sum(r["rain"]["score"] for r in rows) / n
-    changed = sum(1 for r in rows if r["rain"]["text"].strip() != r["vanilla"]["text"].strip())
-    print(f"  mean self-evaluation: vanilla {v_mean:+.2f}  ->  RAIN {r_mean:+.2f}  ({n} prompts)")
-    print(f"  answers changed by the search: {changed}/{n}")
-    v_time = sum(r["vanilla"]["time"] for r in rows)
-    r_time = sum(r["rain"]["time"] for r in rows)
-    print(f"  time: vanilla {v_time:.1f} s, RAIN {r_time:.1f} s (RAIN is slower: it searches)")
-    print(
-        "  The scores come from the same small model that searched; they show what the search\n"
-        "  optimised, not independent quality. The README reports measured alignment figures."
-    )
+    for line in summary_lines(rows):
+        print(line)
     if args.plot:
         from shared_core.plotting import plot_trace
 
