@@ -167,3 +167,90 @@ def judge_check(
         scores=scores,
         good=good,
     )
+
+
+def served_engine(
+    base_url: str,
+    model: str | None = None,
+    *,
+    api_key: str | None = None,
+    dialect: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A RainEngine over a served model (``RainEngine.from_server`` where the engine has it)."""
+    from shared_core.engine import RainEngine
+
+    from_server = getattr(RainEngine, "from_server", None)
+    if from_server is not None:
+        return from_server(base_url, model=model, api_key=api_key, dialect=dialect, **kwargs)
+    from shared_core.models.served import ServedModel
+
+    backend = ServedModel(base_url, model, api_key=api_key, dialect=dialect)
+    return RainEngine(backend=backend, **kwargs)
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: Any = None, stderr: Any = None) -> int:
+    """``rain judge-check``: the model's judge accuracy on a rubric's labelled set."""
+    import argparse
+    import sys
+
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    parser = argparse.ArgumentParser(
+        prog="rain judge-check",
+        description="How well does the model judge by a rubric? Its self-evaluation accuracy "
+        "on the rubric's bundled labelled (request, response) pairs, with a plain verdict.",
+    )
+    parser.add_argument("--rubric", default="harmless", choices=sorted(LABELLED_SETS))
+    parser.add_argument(
+        "--model",
+        help="a model id or folder (default: the embedded SmolLM2); "
+        "with --base-url, the served model's name",
+    )
+    parser.add_argument("--gguf-file", help="GGUF file name inside --model's folder")
+    parser.add_argument("--base-url", help="a served model (llama-server, vLLM, SGLang)")
+    parser.add_argument("--api-key")
+    parser.add_argument("--dialect", choices=["llamacpp", "vllm", "sglang"])
+    parser.add_argument("--limit", type=int, help="judge only the first N rows")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="rows judged at once (default: 8 for a server, 1 in process)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    try:
+        if args.base_url:
+            if args.gguf_file:
+                raise RainInputError("--gguf-file is for a local model; drop it with --base-url")
+            engine = served_engine(
+                args.base_url, args.model, api_key=args.api_key, dialect=args.dialect
+            )
+        else:
+            if args.api_key or args.dialect:
+                raise RainInputError("--api-key and --dialect need --base-url")
+            from shared_core.engine import load_engine
+
+            engine = load_engine(args.model, args.gguf_file)
+        workers = args.workers or (8 if args.base_url else 1)
+        result = judge_check(engine, args.rubric, limit=args.limit, workers=workers)
+    except RainInputError as exc:
+        err.write(f"rain judge-check: error: {exc}\n")
+        return 2
+    except Exception as exc:  # a model that will not load, a server that fails
+        from shared_core.errors import RainError
+
+        if not isinstance(exc, RainError):
+            raise
+        err.write(f"rain judge-check: error: {exc}\n")
+        return 2
+    if args.json:
+        out.write(json.dumps(result.to_dict(), indent=2) + "\n")
+    else:
+        out.write(f"{result.model} {result.verdict}\n")
+        out.write(
+            f"  {result.n} labelled pairs, {100 * result.tie_rate:.0f} % ties "
+            "(the two option orders disagree; counted half right)\n"
+        )
+    return 0

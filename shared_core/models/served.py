@@ -284,7 +284,10 @@ class ServedModel(LanguageModel):
             model = served[0]
         self.dialect.model = model
         self.model_name = model
-        self.name = name or model or info.model_path or self.base_url
+        shown = model or info.model_path or self.base_url
+        if shown.endswith(".gguf"):
+            shown = Path(shown).stem  # llama-server names its model by the file's path
+        self.name = name or shown
         self.tokenizer = self._tokenizer(tokenizer, model)
         self._tokenizer_lock = threading.Lock()
         self.vocab_size = int(info.vocab_size or len(self.tokenizer))

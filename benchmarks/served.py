@@ -1,0 +1,151 @@
+"""Served benchmark: RAIN through a model server against RAIN in process.
+
+    python -m benchmarks.served [--base-url URL] [--prompts N] [--max-new-tokens N]
+
+Without ``--base-url`` it starts ``$RAIN_LLAMA_SERVER`` (scripts/llama_server.sh) with the
+embedded SmolLM2 GGUF and ``--parallel 8``. It reports, as JSON on stdout and in
+``benchmarks/results/served.json``:
+
+- in-process vs served wall time of RAIN and vanilla on the same model and prompts
+  (in-process only when no ``--base-url``: the same GGUF, de-quantized by transformers);
+- the RAIN/vanilla time ratio through the server and in process;
+- HTTP requests and prompt tokens per committed token, and the share of prompt tokens
+  the server read from its prefix cache (llama.cpp ``timings.cache_n``);
+- aggregate committed tokens/s with 1, 4 and 8 concurrent searches on one server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+PROMPTS = [
+    "Write one sentence about a rainy day.",
+    "Describe your favourite meal in one sentence.",
+    "Say something about the sea.",
+    "Write one sentence about trains.",
+    "Describe a quiet morning.",
+    "Write one sentence about autumn.",
+    "Say something about music.",
+    "Describe a city at night.",
+]
+OUT = Path(__file__).resolve().parent / "results" / "served.json"
+
+
+def _config(max_new_tokens: int) -> dict[str, Any]:
+    return {
+        "num_candidates": 2,
+        "T": 4,
+        "min_new_iterations": 2,
+        "T_m": 2,
+        "max_new_tokens": max_new_tokens,
+        "simulation_max_tokens": 4,
+        "similarity_update": False,
+        "dynamic_addition": False,
+    }
+
+
+def _run_set(engine: Any, prompts: list[str], config: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    tokens = 0
+    for p in prompts:
+        tokens += engine.generate(p, config=config).completion_tokens
+    rain_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for p in prompts:
+        engine.vanilla(p, config=config)
+    vanilla_s = time.perf_counter() - t0
+    return {
+        "rain_s": round(rain_s, 2),
+        "vanilla_s": round(vanilla_s, 2),
+        "rain_over_vanilla": round(rain_s / vanilla_s, 2) if vanilla_s else None,
+        "committed_tokens": tokens,
+    }
+
+
+def _concurrent(engine: Any, k: int, config: dict[str, Any]) -> dict[str, Any]:
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(k)]
+    counts: list[int] = [0] * k
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            counts[i] = engine.generate(prompts[i], config=config, seed=i).completion_tokens
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return {
+        "searches": k,
+        "wall_s": round(wall, 2),
+        "committed_tokens": sum(counts),
+        "tokens_per_s": round(sum(counts) / wall, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from shared_core import RainEngine, load_engine
+    from shared_core.models.served import ServedModel
+    from shared_core.models.served_launch import LlamaServer
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.served")
+    parser.add_argument("--base-url", help="an external server (default: start llama-server)")
+    parser.add_argument("--model", help="the served model name (with --base-url)")
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    config = _config(args.max_new_tokens)
+    prompts = PROMPTS[: args.prompts]
+    server = None
+    if args.base_url is None:
+        server = LlamaServer(parallel=8, ctx=8192 * 2).start()
+    url = args.base_url or server.url  # type: ignore[union-attr]
+    report: dict[str, Any] = {"base_url": url, "config": config, "prompts": len(prompts)}
+    try:
+        backend = ServedModel(url, args.model)
+        served = RainEngine(backend=backend, rubric="positive", config=config)
+        report["model"] = backend.name
+        report["served"] = _run_set(served, prompts, config)
+        t = backend.traffic
+        committed = max(1, report["served"]["committed_tokens"])
+        report["served"]["http_requests_per_committed_token"] = round(t.requests / committed, 1)
+        report["served"]["prompt_tokens_per_committed_token"] = round(
+            t.prompt_tokens / committed, 1
+        )
+        report["served"]["cached_prompt_share"] = (
+            round(t.cached_tokens / t.prompt_tokens, 3) if t.prompt_tokens else None
+        )
+        if server is not None:
+            local = load_engine()
+            report["in_process"] = _run_set(local, prompts, config)
+            report["served_over_in_process_rain_time"] = round(
+                report["served"]["rain_s"] / report["in_process"]["rain_s"], 2
+            )
+        conc = [_concurrent(served, k, config) for k in (1, 4, 8)]
+        report["concurrency"] = conc
+        report["throughput_8_over_1"] = round(conc[2]["tokens_per_s"] / conc[0]["tokens_per_s"], 2)
+        backend.close()
+    finally:
+        if server is not None:
+            server.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
