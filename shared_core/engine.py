@@ -125,7 +125,10 @@ class RainEngine:
         config: RainConfig | Mapping[str, Any] | None = None,
         rubric: RubricSpec = "harmless",
         name: str | None = None,
+        judge: Any = None,
     ) -> None:
+        """``judge``: a separate judge instead of self-evaluation: another RainEngine, a
+        LanguageModel, or a served model's base URL (:mod:`shared_core.judge`)."""
         if backend is None:
             if model is None or tokenizer is None:
                 raise RainError(
@@ -137,6 +140,14 @@ class RainEngine:
             backend = TransformersBackend(model, tokenizer, name=name)
         self.backend = backend
         self.config = config if isinstance(config, RainConfig) else build_config(config)
+        if judge is not None and evaluator is not None:
+            raise RainConfigError("pass judge= or evaluator=, not both")
+        if judge is not None:
+            from shared_core.judge import as_evaluator
+
+            evaluator = as_evaluator(
+                judge, generator=backend, rubric_cache_size=self.config.rubric_cache_size
+            )
         self.evaluator = evaluator or SelfEvaluator(
             backend, rubric_cache_size=self.config.rubric_cache_size
         )
@@ -144,6 +155,38 @@ class RainEngine:
         self.default_rubric = get_rubric(rubric)
 
     # --- construction -------------------------------------------------------------------
+    @classmethod
+    def from_server(
+        cls,
+        base_url: str,
+        model: str | None = None,
+        *,
+        api_key: str | None = None,
+        dialect: str | None = None,
+        tokenizer: Any = None,
+        timeout: float = 120.0,
+        judge: Any = None,
+        **kwargs: Any,
+    ) -> RainEngine:
+        """RAIN over a served model (llama.cpp ``llama-server``, vLLM, SGLang) at ``base_url``.
+
+        ``model``: the served model's name (default: the one it serves); ``dialect``:
+        ``llamacpp``/``vllm``/``sglang`` (default: detected); ``tokenizer``: a local
+        folder, ``.gguf`` or cached id (default: what the server reports, else ``model``).
+        Other keywords go to :class:`RainEngine` (``config``, ``rubric``, ``judge``...).
+        """
+        from shared_core.models.served import ServedModel
+
+        backend = ServedModel(
+            base_url,
+            model,
+            api_key=api_key,
+            dialect=dialect,
+            tokenizer=tokenizer,
+            timeout=timeout,
+        )
+        return cls(backend=backend, judge=judge, **kwargs)
+
     @classmethod
     def from_pretrained(
         cls, model_id_or_path: str | Path, gguf_file: str | None = None, **kwargs: Any

@@ -428,3 +428,18 @@ def test_a_server_dying_mid_search_then_restarted(tiny_engine: Any) -> None:
     finally:
         model.close()
         second.stop()
+
+
+def test_from_server_and_judge_hooks(server: LlamaServer, tiny_engine: Any) -> None:
+    from shared_core import RainEngine
+    from shared_core.errors import RainConfigError
+
+    engine = RainEngine.from_server(server.url, config=TINY, rubric="positive")
+    assert engine.backend.dialect.name == "llamacpp"  # type: ignore[attr-defined]
+    assert engine.generate("Say hi.").text.strip()
+    steered = RainEngine(backend=tiny_engine.backend, judge=engine, config=TINY)
+    assert isinstance(steered.evaluator, JudgeEvaluator)
+    assert steered.evaluator.judge is engine.backend
+    with pytest.raises(RainConfigError, match="judge= or evaluator="):
+        RainEngine(backend=tiny_engine.backend, judge=engine, evaluator=steered.evaluator)
+    engine.backend.close()
