@@ -83,7 +83,8 @@ def _tool_names(messages: list[Any]) -> list[str]:
 
 @pytest.mark.integration
 def test_create_agent_calls_two_tools_over_several_steps(default_engine: Any) -> None:
-    model = ChatRain(rain_config=TINY_SEARCH, max_tokens=16)
+    # 24 tokens: room for a whole call ({"name": "get_weather", "arguments": {...}}).
+    model = ChatRain(rain_config=TINY_SEARCH, max_tokens=24)
     agent = create_agent(model, tools=[weather_in, time_in], middleware=[call_each_tool_once])
     state = agent.invoke(
         {"messages": [("user", "What are the weather and the time in Paris?")]},
