@@ -47,3 +47,25 @@ def test_bad_model_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     demo = _load_demo()
     assert demo.main(["--model", str(tmp_path / "missing"), "--skip-rag"]) == 2
     assert "could not load model" in capsys.readouterr().err
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SAMPLES = Path(__file__).resolve().parents[1] / "docs" / "samples"
+
+
+def _quoted_block(section: str) -> list[str]:
+    """The lines of the first ```text block after the README heading ``section``."""
+    text = README.read_text(encoding="utf-8").split(f"\n## {section}\n", 1)[1]
+    block = text.split("```text\n", 1)[1].split("\n```", 1)[0]
+    return [x.rstrip() for x in block.splitlines() if x.strip() and x.strip() != "..."]
+
+
+@pytest.mark.parametrize(("section", "sample"), [("Demo", "demo.txt"), ("Command line", "cli.txt")])
+def test_readme_samples_are_lines_the_sample_script_printed(section: str, sample: str) -> None:
+    # scripts/readme_samples.sh writes docs/samples/ from the current engine; the README
+    # may shorten a sample ("..."), never change or invent a line of it.
+    printed = [x.rstrip() for x in (SAMPLES / sample).read_text(encoding="utf-8").splitlines()]
+    at = 0
+    for line in _quoted_block(section):
+        assert line in printed[at:], f"README {section} line not in docs/samples/{sample}: {line!r}"
+        at = printed.index(line, at) + 1
