@@ -353,14 +353,7 @@ def _served_engine(
             kwargs["dialect"] = dialect
         if tokenizer is not None:
             kwargs["tokenizer"] = tokenizer
-        from_server = getattr(RainEngine, "from_server", None)
-        if from_server is not None:
-            return from_server(base_url, **kwargs)
-        # The served backend itself (shared_core.models.served), under a plain engine.
-        from shared_core.models.served import ServedModel
-
-        model_name = kwargs.pop("model")
-        return RainEngine(backend=ServedModel(base_url, model_name, **kwargs))
+        return RainEngine.from_server(base_url, **kwargs)
 
     if tokenizer is not None and not isinstance(tokenizer, str | PathLike):
         return connect()  # a tokenizer object: not a cache key; this engine is its own
