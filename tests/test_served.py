@@ -243,7 +243,7 @@ def _hard_and_soft(
 
 def test_served_judge_agrees_with_in_process_judge(served_engine: Any, default_engine: Any) -> None:
     """Target: hard verdicts >= 90 % equal, soft scores within 0.1, on the labelled sets
-    (the first 6 rows of each here, for CI time; all of them in benchmarks/served.py)."""
+    (the first 6 rows of each here, for CI time)."""
     for rubric in ("positive", "harmless", "truthful"):
         rows = labelled_set(rubric)[:6]
         here = _hard_and_soft(default_engine, rubric, rows)
