@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from jinja2 import TemplateError
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -52,11 +51,11 @@ from shared_core.models.decoding import (
     decode,
     top_tokens_of,
 )
+from shared_core.models.hf_text import HFTokenizerText
 from shared_core.models.protocol import (
     Continuation,
     Grammar,
     LanguageModel,
-    Message,
     SampleRequest,
     TopTokens,
     TopTokensRequest,
@@ -130,17 +129,6 @@ def default_gemma_path() -> Path:
         ) from exc
 
 
-def _merge_system(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The messages with every system text put at the start of the first user message."""
-    system = "\n\n".join(str(m["content"]) for m in msgs if m["role"] == "system")
-    rest = [dict(m) for m in msgs if m["role"] != "system"]
-    first_user = next((m for m in rest if m["role"] == "user"), None)
-    if first_user is None:
-        return [{"role": "user", "content": system}, *rest]
-    first_user["content"] = f"{system}\n\n{first_user['content']}"
-    return rest
-
-
 @dataclass
 class _Snapshot:
     """A computed prefix: its KV cache and the log-probs after its last token."""
@@ -163,7 +151,7 @@ def _common_prefix(a: np.ndarray, b: Sequence[int]) -> int:
     return int(diff[0]) if len(diff) else m
 
 
-class TransformersBackend(LanguageModel):
+class TransformersBackend(HFTokenizerText, LanguageModel):
     """A causal LM from transformers, with KV-cache prefix reuse."""
 
     def __init__(
@@ -288,76 +276,6 @@ class TransformersBackend(LanguageModel):
                 if isinstance(tid, int) and tid != tok.unk_token_id:
                     ids.add(tid)
         return ids
-
-    # --- text <-> tokens ----------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        with self._tokenizer_lock:
-            ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=False)
-        return list(ids["input_ids"])
-
-    def encode_literal(self, text: str) -> list[int]:
-        with self._tokenizer_lock:
-            ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
-        return list(ids["input_ids"])
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
-
-    def token_texts(self) -> list[str]:
-        cached: list[str] | None = getattr(self, "_token_texts", None)
-        if cached is None:
-            ids = [[i] for i in range(self.vocab_size)]
-            cached = [str(t) for t in self.tokenizer.batch_decode(ids)]
-            self._token_texts = cached
-        return cached
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        """The prompt in the model's chat template; documented fallbacks:
-
-        - a template without a system role (it raises, or drops the system text) gets
-          the system text at the start of the first user message (logged);
-        - a model without a template (a base model, e.g. Gemma 3 270M's GGUF) gets a
-          transcript of ``Role: content`` lines ending in ``Assistant:``, after the
-          tokenizer's BOS if the tokenizer starts every sequence with one.
-        """
-        msgs: list[dict[str, Any]] = [
-            {"role": m["role"], "content": m["content"]} for m in messages
-        ]
-        if self.has_chat_template:
-            # Stripped: a template may trim what it writes (Llama 3's does).
-            system = [str(m["content"]).strip() for m in msgs if m["role"] == "system"]
-            try:
-                text = self._apply_template(msgs, add_generation_prompt)
-                if all(s in text for s in system):
-                    return text
-                reason = "drops the system text"
-            except TemplateError as exc:
-                if not system:
-                    raise
-                reason = f"refuses a system message ({exc})"
-            logger.info(
-                "%s's chat template %s: it is put at the start of the first user message",
-                self.name,
-                reason,
-            )
-            return self._apply_template(_merge_system(msgs), add_generation_prompt)
-        # A transcript; a model trained with a BOS first (Gemma) only repeats without it.
-        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
-        if add_generation_prompt:
-            lines.append("Assistant:")
-        bos = self.tokenizer.bos_token if getattr(self.tokenizer, "add_bos_token", False) else None
-        return (bos or "") + "\n".join(lines)
-
-    def _apply_template(self, msgs: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        return str(
-            self.tokenizer.apply_chat_template(
-                msgs, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        )
 
     # --- model calls ---------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, cache: DynamicCache | None, keep: Any) -> Any:

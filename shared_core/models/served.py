@@ -73,10 +73,10 @@ from typing import Any, TypeVar
 import httpx
 
 from shared_core.errors import RainCancelled, RainInputError, RainServerError
+from shared_core.models.hf_text import HFTokenizerText
 from shared_core.models.protocol import (
     Continuation,
     LanguageModel,
-    Message,
     SampleRequest,
     TopTokens,
     TopTokensRequest,
@@ -178,7 +178,7 @@ class _Loop:
         self.loop.close()
 
 
-class ServedModel(LanguageModel):
+class ServedModel(HFTokenizerText, LanguageModel):
     """A model behind a llama.cpp, vLLM or SGLang server, driven over HTTP.
 
     ``base_url``: the server's root (``http://127.0.0.1:8080``; a trailing
@@ -302,7 +302,6 @@ class ServedModel(LanguageModel):
         self.context_window = int(window)
         self.stop_token_ids = frozenset(self._stop_tokens())
         self._token_text: dict[int, str] = {}
-        self._all_token_texts: list[str] | None = None
         self._delimiter_masks: Any = None
         if isinstance(self.dialect, VLLMDialect) and info.max_logprobs:
             self.dialect.max_logprobs = info.max_logprobs
@@ -529,49 +528,13 @@ class ServedModel(LanguageModel):
         finally:
             self._sync_work()
 
-    # --- text <-> tokens -------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        with self._tokenizer_lock:
-            ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=False)
-        return list(ids["input_ids"])
-
-    def encode_literal(self, text: str) -> list[int]:
-        with self._tokenizer_lock:
-            ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
-        return list(ids["input_ids"])
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
-
+    # --- text <-> tokens (HFTokenizerText) -----------------------------------------------
     def _text_of_token(self, token: int) -> str:
         text = self._token_text.get(token)
         if text is None:
             text = str(self.tokenizer.decode([token]))
             self._token_text[token] = text
         return text
-
-    def _token_texts(self) -> list[str]:
-        if self._all_token_texts is None:
-            ids = [[i] for i in range(self.vocab_size)]
-            self._all_token_texts = [str(t) for t in self.tokenizer.batch_decode(ids)]
-        return self._all_token_texts
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-        if self.has_chat_template:
-            return str(
-                self.tokenizer.apply_chat_template(
-                    msgs, tokenize=False, add_generation_prompt=add_generation_prompt
-                )
-            )
-        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
-        if add_generation_prompt:
-            lines.append("Assistant:")
-        return "\n".join(lines)
 
     # --- checks ------------------------------------------------------------------------------
     def _check_length(self, n: int) -> None:
@@ -753,7 +716,7 @@ class ServedModel(LanguageModel):
             return rows
 
         if self._delimiter_masks is None:
-            self._delimiter_masks = DelimiterMasks(self._token_texts)
+            self._delimiter_masks = DelimiterMasks(self.token_texts)
         masks = self._delimiter_masks
         return decode(
             r,
