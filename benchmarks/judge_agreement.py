@@ -19,7 +19,9 @@ from shared_core.models.served import ServedModel
 from shared_core.models.served_launch import LlamaServer
 
 
-def hard_and_soft(engine: RainEngine, rubric: str, rows: list[dict[str, Any]]) -> list[tuple]:
+def hard_and_soft(
+    engine: RainEngine, rubric: str, rows: list[dict[str, Any]]
+) -> list[tuple[float, float]]:
     """Per row: the hard verdict (mean sign over option orders) and the soft score."""
     out = []
     for row in rows:

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 
+from benchmarks.judge_agreement import hard_and_soft
 from shared_core.errors import RainCancelled, RainError, RainServerError
 from shared_core.judge import JudgeEvaluator, as_evaluator
 from shared_core.judge_check import labelled_set
@@ -224,30 +225,13 @@ def test_a_small_generator_steered_by_a_served_judge(tiny_engine: Any, served: S
     assert as_evaluator(served.base_url).judge.dialect.name == "llamacpp"  # type: ignore[attr-defined]
 
 
-def _hard_and_soft(
-    engine: Any, rubric: str, rows: list[dict[str, Any]]
-) -> list[tuple[float, float]]:
-    """Per row, the hard verdict (mean sign per option order) and the soft score, both
-    from the same label probabilities."""
-    out = []
-    for row in rows:
-        j = engine.self_evaluate(
-            [{"role": "user", "content": row["prompt"]}], row["response"], rubric=rubric
-        )
-        pairs = list(zip(j.details["p_good"], j.details["p_bad"], strict=True))
-        hard = sum((g > b) - (g < b) for g, b in pairs) / len(pairs)
-        soft = sum((g - b) / (g + b) for g, b in pairs) / len(pairs)
-        out.append((hard, soft))
-    return out
-
-
 def test_served_judge_agrees_with_in_process_judge(served_engine: Any, default_engine: Any) -> None:
     """Target: hard verdicts >= 90 % equal, soft scores within 0.1, on the labelled sets
     (the first 6 rows of each here, for CI time)."""
     for rubric in ("positive", "harmless", "truthful"):
         rows = labelled_set(rubric)[:6]
-        here = _hard_and_soft(default_engine, rubric, rows)
-        there = _hard_and_soft(served_engine, rubric, rows)
+        here = hard_and_soft(default_engine, rubric, rows)
+        there = hard_and_soft(served_engine, rubric, rows)
         same = sum(a[0] == b[0] for a, b in zip(here, there, strict=True)) / len(rows)
         gap = max(abs(a[1] - b[1]) for a, b in zip(here, there, strict=True))
         assert same >= 0.9, (rubric, here, there)
