@@ -239,6 +239,7 @@ def test_llamacpp_probe() -> None:
 def test_llamacpp_recorded(case: dict[str, Any]) -> None:
     replay = Replay(case["exchanges"])
     dialect = LlamaCppDialect(LLAMACPP.get("model"))
+    dialect.label_top_n = 20  # what the recording asked (n_probs 20, then forced reads)
     args = case["args"]
     if case["kind"] == "top":
         got: Any = pairs(run(dialect.top_logprobs(replay.io, args["prefixes"], args["n"])))
@@ -249,6 +250,30 @@ def test_llamacpp_recorded(case: dict[str, Any]) -> None:
         got = run(dialect.label_logprobs(replay.io, args["prompts"], args["labels"]))
     assert got == case["expected"]
     assert not replay.exchanges
+
+
+def test_llamacpp_labels_found_in_the_first_read_need_no_forced_read() -> None:
+    """By default the first read lists the top ``label_top_n`` tokens (1024): labels far
+    down the list are read there, in one request, not one forced read each."""
+    case = next(c for c in LLAMACPP["calls"] if c["kind"] == "labels")
+    first = json.loads(json.dumps(case["exchanges"][0]))
+    labels, expected = case["args"]["labels"], case["expected"]
+    for result, row in zip(first["response"], expected, strict=True):
+        top = result["completion_probabilities"][0]["top_logprobs"]
+        listed = {t["id"] for t in top}
+        # The longer list the server returns: the forced-read values, further down.
+        top += [
+            {"id": t, "logprob": lp} for t, lp in zip(labels, row, strict=True) if t not in listed
+        ]
+    first["body"]["n_probs"] = LlamaCppDialect.label_top_n
+    replay = Replay([first])
+    got = run(
+        LlamaCppDialect(LLAMACPP.get("model")).label_logprobs(
+            replay.io, case["args"]["prompts"], labels
+        )
+    )
+    assert got == expected
+    assert not replay.exchanges  # one request: no forced read
 
 
 def _unstreamed(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
