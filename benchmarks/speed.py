@@ -94,7 +94,7 @@ MODES: dict[str, dict[str, Any]] = {
         "prompts": 3,
         "max_new_tokens": 24,
         "vanilla_repeats": 3,
-        "search": {},  # the paper's defaults
+        "search": {},  # the paper's settings (RainConfig.paper())
         "fast_search": {},  # RainConfig.fast() as it is
         # With reuse off every harmless evaluation re-reads the ~1,000-token rubric
         # twice; at the paper's T that run alone would take hours on 2 CPU cores, so
@@ -348,7 +348,7 @@ def run_benchmark(
         f"rss {_mb(rss_loaded)} MB"
     )
 
-    default_cfg = RainConfig(seed=SEED, max_new_tokens=n_tokens, **settings["search"])
+    default_cfg = _paper_config(seed=SEED, max_new_tokens=n_tokens, **settings["search"])
     fast_cfg = RainConfig.fast(seed=SEED, max_new_tokens=n_tokens, **settings["fast_search"])
 
     sampler.reset()
@@ -380,8 +380,8 @@ def run_benchmark(
                     "mode": mode,
                     "seed": SEED,
                     **settings,
-                    "default_config": _config_delta(default_cfg, RainConfig()),
-                    "fast_config": _config_delta(fast_cfg, RainConfig()),
+                    "default_config": _config_delta(default_cfg, _paper_config()),
+                    "fast_config": _config_delta(fast_cfg, _paper_config()),
                     "reuse_pair_configs": pair_configs,
                 },
                 "environment": {
@@ -429,7 +429,7 @@ def run_benchmark(
                 on_cfg = default_cfg
                 runs["on"].append(runs["r"][0])
             else:
-                on_cfg = RainConfig(
+                on_cfg = _paper_config(
                     seed=SEED, max_new_tokens=pair["max_new_tokens"], **pair["search"]
                 )
                 _log(f"{rubric} #0: reuse pair, reuse on")
@@ -442,7 +442,7 @@ def run_benchmark(
             )
             pair_configs[rubric] = {
                 "prompt": prompt,
-                **_config_delta(on_cfg, RainConfig()),
+                **_config_delta(on_cfg, _paper_config()),
             }
             details[0]["reuse_pair"] = {
                 "reuse_on": _detail(runs["on"][-1]),
@@ -508,7 +508,7 @@ def _detail(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def _config_delta(cfg: Any, base: Any) -> dict[str, Any]:
-    """The config fields that differ from the paper's defaults."""
+    """The config fields that differ from `base` (the paper's settings)."""
     a, b = cfg.model_dump(), base.model_dump()
     return {k: v for k, v in a.items() if v != b[k]}
 

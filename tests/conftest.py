@@ -65,7 +65,7 @@ def quick_config():
     """A small search so tests stay fast: a handful of iterations per commit."""
     from shared_core import RainConfig
 
-    return RainConfig(
+    return RainConfig.paper(
         num_candidates=3,
         T=4,
         min_new_iterations=2,

@@ -66,6 +66,7 @@ def _misleading_judge(text: str) -> float:
 
 
 SEARCH = {
+    "preset": "paper",  # no final check unless a test asks for it
     "num_candidates": 2,
     "token_set_lengths": (1, 10),
     "T": 2,

@@ -49,7 +49,7 @@ def _full_config(**overrides: object) -> RainConfig:
         "seed": 3,
     }
     base.update(overrides)
-    return RainConfig(**base)  # type: ignore[arg-type]
+    return RainConfig.paper(**base)  # type: ignore[arg-type]
 
 
 # --- the full engine on the tiny random model ------------------------------------------------

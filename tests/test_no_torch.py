@@ -49,8 +49,9 @@ _SCRIPT = textwrap.dedent(
         "good": {"label": "yes", "text": "The reply is good."},
         "bad": {"label": "no", "text": "The reply is bad."},
     }
-    config = {
-        "num_candidates": 3, "T": 8, "min_new_iterations": 4, "T_m": 3, "max_new_tokens": 8,
+    config = {  # the paper's search: its 1-token sets at the root always hold "good"
+        "preset": "paper", "num_candidates": 3, "T": 8, "min_new_iterations": 4, "T_m": 3,
+        "max_new_tokens": 8,
         "similarity_update": False, "dynamic_addition": False,
     }
     lm = ScriptedLM(next_fn)

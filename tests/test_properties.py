@@ -120,7 +120,7 @@ def test_tree_stays_consistent_under_any_operations(
     ops: list[tuple[Any, ...]], c: float, gamma_s: float, threshold: float, angles: list[float]
 ) -> None:
     try:
-        config = RainConfig(c=c, gamma_s=gamma_s, similarity_threshold=threshold)
+        config = RainConfig.paper(c=c, gamma_s=gamma_s, similarity_threshold=threshold)
     except RainConfigError:
         assume(False)  # the config refuses it: nothing to run
         raise
@@ -178,7 +178,7 @@ def test_similarity_update_keeps_the_sibling_in_range(
     # Any threshold the config accepts: a sibling at any angle to the path node
     # (cosine down to -1) must keep n ≥ 0 and v ∈ [-1, 1] after Eq. 3.
     try:
-        config = RainConfig(gamma_s=gamma_s, similarity_threshold=threshold)
+        config = RainConfig.paper(gamma_s=gamma_s, similarity_threshold=threshold)
     except RainConfigError:
         assume(False)
         raise
@@ -223,7 +223,7 @@ def test_search_commits_follow_the_rule_for_any_scores(
     seed: int,
 ) -> None:
     try:
-        config = RainConfig(
+        config = RainConfig.paper(
             num_candidates=num_candidates,
             token_set_lengths=tuple(lengths),
             T=T,
@@ -264,7 +264,7 @@ def test_search_commits_follow_the_rule_for_any_scores(
 @_SETTINGS
 @given(scores=st.lists(st.floats(-1.0, 1.0), min_size=1, max_size=8), steps=st.integers(1, 25))
 def test_every_iteration_leaves_a_consistent_tree(scores: list[float], steps: int) -> None:
-    config = RainConfig(
+    config = RainConfig.paper(
         num_candidates=3,
         token_set_lengths=(1, 2),
         T=4,

@@ -64,14 +64,17 @@ def config_table() -> str:
     from shared_core import RainConfig
 
     docs = field_docs()
-    fast = RainConfig.fast()
+    fast, paper = RainConfig.fast(), RainConfig.paper()
     default = RainConfig()
-    rows = ["| Field | Default | `fast()` | Meaning |", "|---|---|---|---|"]
+    rows = ["| Field | Default | `fast()` | `paper()` | Meaning |", "|---|---|---|---|---|"]
     for name in RainConfig.model_fields:
-        base, quick = getattr(default, name), getattr(fast, name)
-        shown = "" if quick == base else f"`{_default(quick)}`"
+        base = getattr(default, name)
+        shown = [
+            "" if getattr(c, name) == base else f"`{_default(getattr(c, name))}`"
+            for c in (fast, paper)
+        ]
         meaning = docs.get(name, "").replace("|", "\\|")
-        rows.append(f"| `{name}` | `{_default(base)}` | {shown} | {meaning} |")
+        rows.append(f"| `{name}` | `{_default(base)}` | {shown[0]} | {shown[1]} | {meaning} |")
     return "\n".join(rows)
 
 

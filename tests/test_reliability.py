@@ -48,7 +48,7 @@ RUBRIC: dict[str, Any] = {
     "scoring": "soft",
 }
 """A short rubric (no few-shot examples) with soft scores, so values differ between branches."""
-SEARCH = RainConfig(
+SEARCH = RainConfig.paper(
     num_candidates=3,
     token_set_lengths=(2,),
     T=6,

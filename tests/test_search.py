@@ -50,7 +50,7 @@ def _parent(children: list[Node], visits: float, tokens: tuple[int, ...] = ()) -
 
 
 def _cfg(**kw: object) -> RainConfig:
-    return RainConfig(**kw)  # type: ignore[arg-type]
+    return RainConfig.paper(**kw)  # type: ignore[arg-type]
 
 
 # --- 1. PUCT selection ------------------------------------------------------------------
