@@ -11,13 +11,16 @@ embedded SmolLM2 GGUF and ``--parallel 8``. It reports, as JSON on stdout and in
 - the RAIN/vanilla time ratio through the server and in process;
 - HTTP requests and prompt tokens per committed token, and the share of prompt tokens
   the server read from its prefix cache (llama.cpp ``timings.cache_n``);
-- aggregate committed tokens/s with 1, 4 and 8 concurrent searches on one server.
+- aggregate committed tokens/s with 1, 4 and 8 concurrent searches on one server, with
+  the prompt tokens the server computed per committed token and (local server) its CPU
+  time; the server's flags and the machine's load average are recorded with them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -67,8 +70,24 @@ def _run_set(engine: Any, prompts: list[str], config: dict[str, Any]) -> dict[st
     }
 
 
-def _concurrent(engine: Any, k: int, config: dict[str, Any]) -> dict[str, Any]:
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a local process (Linux ``/proc``), else None."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _concurrent(
+    engine: Any, k: int, config: dict[str, Any], server_pid: int | None = None
+) -> dict[str, Any]:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(k)]
+    traffic = engine.backend.traffic
+    before = traffic.to_dict()
+    cpu0 = _cpu_seconds(server_pid)
     counts: list[int] = [0] * k
     errors: list[BaseException] = []
 
@@ -85,14 +104,29 @@ def _concurrent(engine: Any, k: int, config: dict[str, Any]) -> dict[str, Any]:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu1 = _cpu_seconds(server_pid)
     if errors:
         raise errors[0]
-    return {
+    after = traffic.to_dict()
+    prompt = after["prompt_tokens"] - before["prompt_tokens"]
+    cached = after["cached_tokens"] - before["cached_tokens"]
+    committed = max(1, sum(counts))
+    out: dict[str, Any] = {
         "searches": k,
         "wall_s": round(wall, 2),
         "committed_tokens": sum(counts),
         "tokens_per_s": round(sum(counts) / wall, 3),
+        "http_requests": after["requests"] - before["requests"],
+        # Prompt tokens the server computed (not read from its cache): the work that
+        # grows when concurrent searches take each other's slots.
+        "prompt_tokens_processed_per_committed_token": round((prompt - cached) / committed, 1),
     }
+    if cpu0 is not None and cpu1 is not None:
+        # The server's CPU time over the wall time: near 1 with -t 1, it is compute-bound.
+        out["server_cpu_s"] = round(cpu1 - cpu0, 2)
+        out["server_busy"] = round((cpu1 - cpu0) / wall, 2)
+        out["server_cpu_s_per_committed_token"] = round((cpu1 - cpu0) / committed, 3)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -114,6 +148,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         server = LlamaServer(parallel=8, ctx=8192 * 2).start()
     url = args.base_url or server.url  # type: ignore[union-attr]
     report: dict[str, Any] = {"base_url": url, "config": config, "prompts": len(prompts)}
+    if server is not None:
+        report["server_flags"] = server.flags()
+    # The conditions the figures were taken in: cores, and the load from other work.
+    report["machine"] = {"cpus": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0]}
     try:
         backend = ServedModel(url, args.model)
         served = RainEngine(backend=backend, rubric="positive", config=config)
@@ -134,9 +172,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["served_over_in_process_rain_time"] = round(
                 report["served"]["rain_s"] / report["in_process"]["rain_s"], 2
             )
-        conc = [_concurrent(served, k, config) for k in (1, 4, 8)]
+        pid = server.proc.pid if server is not None and server.proc is not None else None
+        conc = [_concurrent(served, k, config, pid) for k in (1, 4, 8)]
+        report["label_top_n"] = getattr(backend.dialect, "label_top_n", None)
         report["concurrency"] = conc
         report["throughput_8_over_1"] = round(conc[2]["tokens_per_s"] / conc[0]["tokens_per_s"], 2)
+        report["machine"]["load_avg_1m_at_end"] = os.getloadavg()[0]
         backend.close()
     finally:
         if server is not None:

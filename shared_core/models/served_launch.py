@@ -53,6 +53,21 @@ class LlamaServer:
     ``parallel`` slots share ``ctx`` tokens (each request may use ``ctx / parallel``).
     ``port``: a fixed port (default: a free one), e.g. to restart a server where clients
     expect it.
+
+    The defaults are what served concurrent searches best on the 2-core test machine
+    (``benchmarks/served.py``, 8 searches on ``--parallel 8``, 10 tokens each, beside two
+    other 1-thread benchmarks; llama.cpp build 11434):
+
+    - ``threads=1``: ``-t 2`` ran 8 searches at 0.83 tok/s against 3.6 with ``-t 1``
+      (and one search at 0.84 against 3.6-5.0): the server's threads wait on each other
+      when the cores are shared.
+    - per-slot KV (no ``--kv-unified``, the default when ``--parallel`` is given):
+      unified KV clears idle slots, so 8 searches re-read 5,800 prompt tokens instead of
+      3,000 (2.2 tok/s against 3.6).
+    - the host prompt cache left on (``--cache-ram``, llama.cpp's default 8192 MiB): it
+      restores a slot's prompt when another search took the slot; ``--cache-ram 0``
+      re-read 11,600 prompt tokens (1.4 tok/s). ``--slot-prompt-similarity 0.5`` changed
+      nothing measurable.
     """
 
     def __init__(
@@ -81,6 +96,16 @@ class LlamaServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
+    def flags(self) -> list[str]:
+        """The command-line flags the server runs with (model and port aside)."""
+        return [
+            "-c", str(self.ctx),
+            "--parallel", str(self.parallel),
+            "-t", str(self.threads),
+            "--no-webui",
+            *self.extra_args,
+        ]  # fmt: skip
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -105,11 +130,7 @@ class LlamaServer:
             "--model", str(self.model),
             "--host", "127.0.0.1",
             "--port", str(self.port),
-            "-c", str(self.ctx),
-            "--parallel", str(self.parallel),
-            "-t", str(self.threads),
-            "--no-webui",
-            *self.extra_args,
+            *self.flags(),
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
