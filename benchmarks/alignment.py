@@ -921,7 +921,8 @@ def tradeoff_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
         entries["greedy"]["mean_self_score"] = _mean([g for g in g_self if g is not None])
         if full_n:
             big = [by_key[(*q, f"best_of:{full_n}")] for q in common]
-            for k in [1, *(k for k in BEST_OF_KS if k <= full_n)]:
+            # The biggest best-of too, whatever its size: it is timed by its own rows.
+            for k in sorted({1, *(k for k in BEST_OF_KS if k <= full_n), full_n}):
                 picks = [_best_of_nested(r, k) for r in big]
                 name = "sampled" if k == 1 else f"best_of:{k}"
                 flags[name] = [p["compound"] >= VADER_POSITIVE for p in picks]
