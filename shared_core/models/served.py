@@ -47,7 +47,7 @@ Design:
   prompt), and each server's JSON grammar admits other whitespace than ours
   (llama.cpp writes ``{\n  "a"\n:``), so a document the server began could be
   rejected when the search continues it.
-- **Labels**: exact log-probs (llama.cpp top-20 plus a ``logit_bias`` forced
+- **Labels**: exact log-probs (llama.cpp top-1024 plus a ``logit_bias`` forced
   read of any label outside it; vLLM ``/generative_scoring`` or the same
   forced read; SGLang ``token_ids_logprob``); never a silent 0.
 - **Prefix reuse**: the servers cache prefixes themselves (llama.cpp
