@@ -57,6 +57,7 @@ __all__ = [
     "select",
     "select_child",
     "select_leaves",
+    "select_walks",
     "should_commit",
     "similarity_update",
     "simulate",
@@ -611,43 +612,104 @@ class VirtualLoss:
         self._saved.clear()
 
 
-def select_leaves(tree: Tree, config: RainConfig, k: int, pending: VirtualLoss) -> list[list[Node]]:
+def select_walks(
+    tree: Tree,
+    config: RainConfig,
+    k: int,
+    pending: VirtualLoss,
+    free: Callable[[list[Node]], bool] | None = None,
+    most: int | None = None,
+) -> list[list[Node]]:
     """``k`` walks from the root, each leaving a pending visit on its path for the
-    walks after it; returns the paths to the distinct leaves they reached.
+    walks after it; returns every walk's path, in order (several may end at one leaf).
+
+    With ``free``: a walk to a leaf that needs no model call (``free(path)``: a
+    terminal leaf whose answer was judged before) does not take one of the ``k``
+    places; up to ``k`` such walks join the round on top (at most ``most`` walks in
+    all). They cost no forward pass, so a round of ``k`` stays ``k`` leaves of model
+    work wide.
+    """
+    most = 2 * k if most is None else min(most, 2 * k)
+    walks: list[list[Node]] = []
+    work = spare = 0
+    while work < k and len(walks) < most:
+        path = select(tree, config)
+        walks.append(path)
+        if free is not None and free(path) and spare < k:
+            spare += 1
+        else:
+            work += 1
+        if work < k:
+            pending.add(path)
+    return walks
+
+
+def _distinct(walks: list[list[Node]]) -> list[list[Node]]:
+    """The first walk to each leaf."""
+    seen: set[int] = set()
+    out = []
+    for path in walks:
+        if id(path[-1]) not in seen:
+            seen.add(id(path[-1]))
+            out.append(path)
+    return out
+
+
+def select_leaves(tree: Tree, config: RainConfig, k: int, pending: VirtualLoss) -> list[list[Node]]:
+    """The distinct leaves ``k`` walks reach (:func:`select_walks`), first walk first.
 
     A walk that reaches a leaf already taken is not retried: it only adds its pending
     visit. So a round is as wide as the tree is uncertain: forcing ``k`` distinct
     leaves out of a tree with two likely branches spent the spare walks on the branch
     the judge had rejected (and gave it the visits the commit rule counts).
     """
-    paths: list[list[Node]] = []
-    for walk in range(k):
-        path = select(tree, config)
-        if all(path[-1] is not p[-1] for p in paths):
-            paths.append(path)
-        if walk < k - 1:
-            pending.add(path)
-    return paths
+    return _distinct(select_walks(tree, config, k, pending))
 
 
 def grow_leaves(
-    ctx: SearchContext, tree: Tree, paths: list[list[Node]], pending: VirtualLoss
-) -> None:
-    """Expand the ripe leaves (one batch) and step each path into its new children."""
+    ctx: SearchContext, tree: Tree, walks: list[list[Node]], pending: VirtualLoss
+) -> list[list[Node]]:
+    """Expand the ripe leaves the walks reached (one batch) and step the walks into their
+    new children; returns the round's distinct paths, in walk order.
+
+    Several walks that reached one ripe leaf go on into its new children, one each, by
+    PUCT with a pending visit on every child already taken (:func:`select_child`, as
+    the iterations after the expansion would walk on); a walk that would step into a
+    child already taken ends there and adds nothing, like a walk back to a leaf
+    already taken (:func:`select_leaves`). One walk per leaf (k = 1) is the plain step.
+    """
     cfg = ctx.config
 
     def ripe(leaf: Node) -> bool:
         # The root always grows children: the next commit is chosen among them.
         return leaf is tree.root or pending.visits(leaf) >= cfg.expand_after_visits
 
-    growing = [p for p in paths if p[-1].is_leaf and not p[-1].terminal and ripe(p[-1])]
+    growing = [p for p in _distinct(walks) if p[-1].is_leaf and not p[-1].terminal and ripe(p[-1])]
+    grown: dict[int, list[Node]] = {}
     for path, children in zip(growing, expand_many(ctx, growing), strict=True):
         if children:
-            # Selection takes one more step, into the new children (classic MCTS:
-            # simulate from a new node), so this evaluation already scores a
-            # candidate: with greedy_early_commit a good greedy set is committed
-            # after one iteration instead of two.
-            path.append(select_child(tree, path[-1], cfg))
+            grown[id(path[-1])] = children
+    taken: dict[int, list[Node]] = {}  # leaf -> the children the walks stepped into
+    paths: list[list[Node]] = []
+    for path in walks:
+        leaf = path[-1]
+        if id(leaf) not in grown:
+            if all(leaf is not p[-1] for p in paths):
+                paths.append(path)
+            continue
+        # Selection takes one more step, into the new children (classic MCTS:
+        # simulate from a new node), so this evaluation already scores a
+        # candidate: with greedy_early_commit a good greedy set is committed
+        # after one iteration instead of two.
+        stepped = taken.setdefault(id(leaf), [])
+        if stepped:
+            pending.add(stepped[-1:])
+        child = select_child(tree, leaf, cfg)
+        if any(child is c for c in stepped):
+            continue
+        stepped.append(child)
+        paths.append([*path, child])
+    return paths
 
 
 def learn(
@@ -665,14 +727,23 @@ def learn(
     )
 
 
+def _needs_no_model(ctx: SearchContext, path: list[Node]) -> bool:
+    """A terminal leaf whose answer was judged before: its iteration is a lookup."""
+    leaf = path[-1]
+    if not leaf.terminal:
+        return False
+    return tuple(ctx.request.answer(path_tokens(path))) in ctx.state.judgements
+
+
 def run_round(ctx: SearchContext, tree: Tree, k: int) -> list[Judgement]:
     """One search round: select up to ``k`` distinct leaves (virtual loss), expand them,
     roll them out and judge them in shared model calls, then back all of them up in
     order. Each leaf counts as one iteration; ``k = 1`` is one RAIN iteration."""
     ctx.check_cancel()
     pending = VirtualLoss(tree, ctx.config)
-    paths = select_leaves(tree, ctx.config, k, pending)
-    grow_leaves(ctx, tree, paths, pending)
+    free = (lambda path: _needs_no_model(ctx, path)) if k > 1 else None
+    walks = select_walks(tree, ctx.config, k, pending, free, _iterations_left(ctx))
+    paths = grow_leaves(ctx, tree, walks, pending)
     for i, path in enumerate(paths):
         _count_rewind(ctx, path, ctx.stats.iterations + 1 + i)
     rollouts = simulate_many(ctx, paths)
@@ -781,13 +852,17 @@ def search_root(ctx: SearchContext, tree: Tree) -> tuple[Node | None, int, str |
             return choose_commit(tree.root, ctx.config), iterations, None
 
 
+def _iterations_left(ctx: SearchContext) -> int | None:
+    """Iterations the ``max_iterations`` budget still allows (``None``: no budget)."""
+    cap = ctx.config.max_iterations
+    return None if cap is None else max(cap - ctx.stats.iterations, 1)
+
+
 def _round_size(ctx: SearchContext) -> int:
     """``leaves_per_round``, but never past the iteration budget."""
-    cfg = ctx.config
-    k = cfg.leaves_per_round
-    if cfg.max_iterations is not None:
-        k = min(k, cfg.max_iterations - ctx.stats.iterations)
-    return max(k, 1)
+    k = ctx.config.leaves_per_round
+    left = _iterations_left(ctx)
+    return k if left is None else min(k, left)
 
 
 def _record(

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from shared_core import RainConfig, RainEngine
-from shared_core.search import VirtualLoss, select_leaves
+from shared_core.search import VirtualLoss, select_leaves, select_walks
 from shared_core.tree import Node, Tree
 from tests.scripted import ScriptedEmbedder, ScriptedEvaluator, ScriptedLM, choice_table
 
@@ -213,6 +213,52 @@ def test_a_walk_back_to_a_taken_leaf_makes_the_round_smaller() -> None:
     assert [p[-1] for p in paths] == [kids[0]]
 
 
+def test_a_walk_to_a_leaf_that_needs_no_model_takes_no_place() -> None:
+    """Priors 0.5, 0.3, 0.2 as above; child 1 is *free* (a terminal leaf judged before).
+
+    Walk 1 reaches child 1: free, a spare walk; walks 2 and 3 reach children 2 and 3,
+    the two places of k = 2. Without ``free`` the round is walks 1 and 2. All free,
+    the round stops at 2k walks."""
+    tree, kids = _root_with((0.5, 0.3, 0.2))
+    cfg = RainConfig.paper()
+    walks = select_walks(tree, cfg, 2, VirtualLoss(tree, cfg), lambda p: p[-1] is kids[0])
+    assert [w[-1] for w in walks] == kids
+    tree, kids = _root_with((0.5, 0.3, 0.2))
+    assert [w[-1] for w in select_walks(tree, cfg, 2, VirtualLoss(tree, cfg))] == kids[:2]
+    tree, kids = _root_with((0.5, 0.3, 0.2))
+    assert len(select_walks(tree, cfg, 2, VirtualLoss(tree, cfg), lambda p: True)) == 4
+    tree, kids = _root_with((0.5, 0.3, 0.2))
+    assert len(select_walks(tree, cfg, 2, VirtualLoss(tree, cfg), lambda p: True, most=3)) == 3
+
+
+def test_walks_that_reach_one_ripe_leaf_go_on_into_its_new_children() -> None:
+    """After one iteration the root's likely child ("g", judged +1) draws both walks of
+    a round of two; it is expanded once and the walks step into its two new children
+    ("a", "b"), one each, instead of the second walk adding nothing."""
+    from shared_core.search import run_round
+    from tests.scripted import make_context
+
+    # A character-level model: "g" (0.9) or "b" (0.1) first, then "a" or "b" after "g".
+    lm = _CountingLM(choice_table({"ga.": 0.5, "gb.": 0.4, "b.": 0.1}))
+    cfg = RainConfig.paper(
+        num_candidates=2, token_set_lengths=(1,), similarity_update=False, dynamic_addition=False
+    )
+    judge = ScriptedEvaluator(lambda t: 1.0 if t.startswith("g") else -1.0)
+    ctx = make_context(lm, judge, cfg)
+    tree = Tree()
+    run_round(ctx, tree, 1)
+    good = tree.root.children[0]
+    assert lm.decode(good.token_ids) == "g" and good.visits == 1.0 and good.is_leaf
+    pending = VirtualLoss(tree, cfg)
+    assert [w[-1] for w in select_walks(tree, cfg, 2, pending)] == [good, good]
+    pending.undo()
+    lm.log.clear()
+    assert len(run_round(ctx, tree, 2)) == 2
+    assert [lm.decode(c.token_ids) for c in good.children] == ["a", "b"]
+    assert [c.visits for c in good.children] == [1.0, 1.0] and good.visits == 3.0
+    assert lm.log[0] == ("top_tokens", 1)  # "g" expanded once for both walks
+
+
 # --- a round shares its model calls ---------------------------------------------------------
 
 
@@ -247,24 +293,28 @@ def test_a_round_of_three_makes_one_call_per_step_for_all_three() -> None:
     # The model judges itself, so the judge's model calls are counted too.
     ctx = make_context(lm, SelfEvaluator(lm), cfg)
     tree = Tree()
-    run_round(ctx, tree, 3)  # the root is the only leaf: a round of one
-    assert len(tree.root.children) == 3
+    # The bare root is the one leaf all three walks reach: it is expanded once, and the
+    # walks go on into three of its new children, one each.
+    first = run_round(ctx, tree, 3)
+    assert len(first) == 3 and ctx.stats.iterations == 3
+    assert [c.visits for c in tree.root.children] == [1.0, 1.0, 1.0]
+    # One call per step for all three: expansion, rollouts, judgements (two orders each).
+    assert lm.log == [("top_tokens", 1), ("sample", 3), ("label_logprobs", 6)]
     lm.log.clear()
     judged_before = len(ctx.state.judgements)
     judgements = run_round(ctx, tree, 3)
     new_responses = len(ctx.state.judgements) - judged_before  # a repeat is not re-judged
     leaves = len(judgements)
-    assert leaves >= 2  # three walks; a walk back to a taken leaf adds no leaf
-    # The leaves expanded in one call, rolled out in one, judged in one (two option
-    # orders each): nothing is asked leaf by leaf.
-    assert lm.log[0] == ("sample", leaves)
-    assert [c for c, _ in lm.log].count("label_logprobs") == 1
-    assert lm.log[-1] == ("label_logprobs", 2 * new_responses)
-    assert new_responses >= 1
+    assert leaves == 3  # each walk to another child, each expanded
+    # The three expansions in one call; then the rollouts that are due in one call (a
+    # set that ends its clause needs none), and the responses not judged before in one.
+    assert lm.log[0] == ("sample", 3)
     rollouts = [n for c, n in lm.log[1:] if c == "sample"]
-    assert len(rollouts) <= 1 and all(n <= leaves for n in rollouts)  # one call, or none
-    assert tree.root.visits == 1 + leaves and ctx.stats.iterations == 1 + leaves
-    assert sum(c.visits for c in tree.root.children) == 1 + leaves
+    assert len(rollouts) <= 1 and all(n <= leaves for n in rollouts)
+    labels = [n for c, n in lm.log if c == "label_logprobs"]
+    assert labels == ([2 * new_responses] if new_responses else [])
+    assert tree.root.visits == 6 and ctx.stats.iterations == 6
+    assert [c.visits for c in tree.root.children] == [2.0, 2.0, 2.0]
 
 
 @pytest.mark.parametrize("k", [2, 4])
