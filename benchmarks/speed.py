@@ -642,17 +642,16 @@ def run_dev_positive_rate(
     judge = VaderJudge()
     openings = load_split("dev")[start : start + items]
     flags: dict[int, list[bool]] = {k: [] for k in ks}
-    walls: dict[int, float] = dict.fromkeys(ks, 0.0)
     texts: dict[int, list[str]] = {k: [] for k in ks}
+    runs: dict[int, list[dict[str, Any]]] = {k: [] for k in ks}
     for i, item in enumerate(openings):
         prompt = SENTIMENT_PROMPT.format(opening=item["opening"])
         for k in ks:
             cfg = _paper_config(seed=SEED, max_new_tokens=n_tokens, leaves_per_round=k)
-            t0 = time.perf_counter()
-            res = engine.generate(prompt, rubric="positive", config=cfg)
-            walls[k] += time.perf_counter() - t0
-            flags[k].append(judge.is_positive(res.text))
-            texts[k].append(res.text)
+            run = _run_rain(engine, prompt, "positive", cfg)
+            runs[k].append(run)
+            flags[k].append(judge.is_positive(run["text"]))
+            texts[k].append(run["text"])
         _log(f"dev #{i} ({item['id']}): " + ", ".join(f"k={k} {flags[k][-1]}" for k in ks))
     out: dict[str, Any] = {
         "split": "dev",
@@ -669,9 +668,17 @@ def run_dev_positive_rate(
             "wilson90": wilson_ci(hits, len(flags[k])),
             "points_vs_first": 100.0 * (hits - sum(base)) / len(base) if base else None,
             "same_verdict_as_first": sum(a == b for a, b in zip(flags[k], base, strict=True)),
-            "wall_s": walls[k],
+            # The same runs' work (passes and wall time per committed token, as
+            # :func:`run_leaves` reports them), so quality and speed come from one run.
+            **{key: v for key, v in _leaves_summary(runs[k]).items() if key != "texts"},
+            "forward_passes": _sum(runs[k], "forward_calls"),
             "texts": texts[k],
         }
+    first = out[str(ks[0])]
+    for k in ks:
+        row = out[str(k)]
+        row["passes_ratio_vs_first"] = _ratio(first["passes_per_token"], row["passes_per_token"])
+        row["wall_ratio_vs_first"] = _ratio(first["s_per_token"], row["s_per_token"])
     return out
 
 

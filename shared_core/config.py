@@ -148,11 +148,13 @@ class RainConfig(BaseModel):
 
     # --- Engineering --------------------------------------------------------------------
     leaves_per_round: int = Field(1, ge=1, le=64)
-    """Leaves one search round selects (a virtual loss keeps them distinct), expands,
-    rolls out and judges in shared model calls before backing all of them up; each
-    counts as one iteration. 1: one leaf per iteration, as in the paper. More leaves
-    make fewer, wider forward passes (faster where a pass costs less than
-    proportionally to its rows) but choose each leaf knowing less."""
+    """Leaves one search round selects (a virtual loss keeps them distinct; walks that
+    reach one leaf being expanded go on into distinct new children), expands, rolls out
+    and judges in shared model calls before backing all of them up; each counts as one
+    iteration, and a walk to a leaf that needs no model call (terminal, judged before)
+    takes no place. 1: one leaf per iteration, as in the paper. More leaves make fewer,
+    wider forward passes (faster where a pass costs less than proportionally to its
+    rows) but choose each leaf knowing less."""
     reuse_cache: bool = True
     """Reuse KV caches of shared prefixes and batch work (off: same search, recomputed)."""
     rubric_cache_size: int = Field(8, ge=1)
