@@ -626,8 +626,7 @@ def select_walks(
     With ``free``: a walk to a leaf that needs no model call (``free(path)``: a
     terminal leaf whose answer was judged before) does not take one of the ``k``
     places; up to ``k`` such walks join the round on top (at most ``most`` walks in
-    all). They cost no forward pass, so a round of ``k`` stays ``k`` leaves of model
-    work wide.
+    all). They cost no forward pass, so they need not crowd out a leaf that does.
     """
     most = 2 * k if most is None else min(most, 2 * k)
     walks: list[list[Node]] = []
@@ -736,9 +735,11 @@ def _needs_no_model(ctx: SearchContext, path: list[Node]) -> bool:
 
 
 def run_round(ctx: SearchContext, tree: Tree, k: int) -> list[Judgement]:
-    """One search round: select up to ``k`` distinct leaves (virtual loss), expand them,
-    roll them out and judge them in shared model calls, then back all of them up in
-    order. Each leaf counts as one iteration; ``k = 1`` is one RAIN iteration."""
+    """One search round: ``k`` walks by PUCT with a virtual loss (walks to a leaf that
+    needs no model call join on top), the ripe leaves among them expanded and the walks
+    stepped into distinct new children, every distinct path rolled out and judged in
+    shared model calls, then all backed up in walk order. Each distinct path counts as
+    one iteration; ``k = 1`` is one RAIN iteration."""
     ctx.check_cancel()
     pending = VirtualLoss(tree, ctx.config)
     free = (lambda path: _needs_no_model(ctx, path)) if k > 1 else None
