@@ -78,22 +78,17 @@ def _run_set(engine: Any, prompts: list[str], config: dict[str, Any]) -> dict[st
     prompt tokens that saved it (at most the prompt, once per call).
     """
     warmup_s = _warm_up(engine, config)
-    traffic = getattr(engine.backend, "traffic", None)
+    traffic = getattr(engine.backend, "traffic", None)  # served backends only
     t0 = time.perf_counter()
     for p in prompts:
         engine.vanilla(p, config=config)
     vanilla_s = time.perf_counter() - t0
-    before = traffic.to_dict() if traffic is not None else None
+    before = traffic.to_dict() if traffic is not None else {}
     t0 = time.perf_counter()
     tokens = 0
     for p in prompts:
         tokens += engine.generate(p, config=config).completion_tokens
     rain_s = time.perf_counter() - t0
-    rain_traffic = (
-        {k: v - before[k] for k, v in traffic.to_dict().items() if k in before}
-        if traffic is not None and before is not None
-        else None
-    )
     out: dict[str, Any] = {
         "rain_s": round(rain_s, 2),
         "vanilla_s": round(vanilla_s, 2),
@@ -101,17 +96,24 @@ def _run_set(engine: Any, prompts: list[str], config: dict[str, Any]) -> dict[st
         "committed_tokens": tokens,
         "warmup_s": warmup_s,
     }
-    if rain_traffic is not None:
+    if traffic is not None:
         # The timed RAIN calls only (not the warm-up, not vanilla).
+        rain = _since(traffic, before)
         committed = max(1, tokens)
-        prompt, cached = rain_traffic["prompt_tokens"], rain_traffic["cached_tokens"]
-        out["http_requests_per_committed_token"] = round(rain_traffic["requests"] / committed, 1)
+        prompt, cached = rain["prompt_tokens"], rain["cached_tokens"]
+        out["http_requests_per_committed_token"] = round(rain["requests"] / committed, 1)
         out["prompt_tokens_per_committed_token"] = round(prompt / committed, 1)
         out["cached_prompt_share"] = round(cached / prompt, 3) if prompt else None
+        # The prompts' own length: the most the vanilla calls before can have saved.
         out["rain_prompt_tokens_cached_from_vanilla"] = sum(
             len(engine.prompt_ids(p)) for p in prompts
         )
     return out
+
+
+def _since(traffic: Any, before: dict[str, int]) -> dict[str, int]:
+    """The server traffic since ``before`` (a ``Traffic.to_dict()``)."""
+    return {k: v - before[k] for k, v in traffic.to_dict().items()}
 
 
 def _cpu_seconds(pid: int | None) -> float | None:
@@ -151,16 +153,15 @@ def _concurrent(
     cpu1 = _cpu_seconds(server_pid)
     if errors:
         raise errors[0]
-    after = traffic.to_dict()
-    prompt = after["prompt_tokens"] - before["prompt_tokens"]
-    cached = after["cached_tokens"] - before["cached_tokens"]
+    work = _since(traffic, before)
+    prompt, cached = work["prompt_tokens"], work["cached_tokens"]
     committed = max(1, sum(counts))
     out: dict[str, Any] = {
         "searches": k,
         "wall_s": round(wall, 2),
         "committed_tokens": sum(counts),
         "tokens_per_s": round(sum(counts) / wall, 3),
-        "http_requests": after["requests"] - before["requests"],
+        "http_requests": work["requests"],
         # Prompt tokens the server computed (not read from its cache): the work that
         # grows when concurrent searches take each other's slots.
         "prompt_tokens_processed_per_committed_token": round((prompt - cached) / committed, 1),

@@ -535,6 +535,15 @@ def _leaves_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _add_ratios(table: dict[str, Any], ks: list[int]) -> None:
+    """Each k's passes and wall time per token against the first k's (how many times fewer)."""
+    first = table[str(ks[0])]
+    for k in ks:
+        row = table[str(k)]
+        row["passes_ratio_vs_first"] = _ratio(first["passes_per_token"], row["passes_per_token"])
+        row["wall_ratio_vs_first"] = _ratio(first["s_per_token"], row["s_per_token"])
+
+
 def run_leaves(
     engine: Any, ks: list[int], prompts: int, n_tokens: int, rubric: str = "positive"
 ) -> dict[str, Any]:
@@ -560,12 +569,8 @@ def run_leaves(
                     f"leaves {name} #{i} k={k}: {r['wall_s']:.1f}s, {r['tokens']} tok, "
                     f"{r['forward_calls']} passes, {r['iterations']} it"
                 )
-        table = {str(k): _leaves_summary(runs[k]) for k in ks}
-        base = table[str(ks[0])]
-        for k in ks:
-            row = table[str(k)]
-            row["passes_ratio_vs_first"] = _ratio(base["passes_per_token"], row["passes_per_token"])
-            row["wall_ratio_vs_first"] = _ratio(base["s_per_token"], row["s_per_token"])
+        table: dict[str, Any] = {str(k): _leaves_summary(runs[k]) for k in ks}
+        _add_ratios(table, ks)
         out[name] = table
     return out
 
@@ -642,7 +647,6 @@ def run_dev_positive_rate(
     judge = VaderJudge()
     openings = load_split("dev")[start : start + items]
     flags: dict[int, list[bool]] = {k: [] for k in ks}
-    texts: dict[int, list[str]] = {k: [] for k in ks}
     runs: dict[int, list[dict[str, Any]]] = {k: [] for k in ks}
     for i, item in enumerate(openings):
         prompt = SENTIMENT_PROMPT.format(opening=item["opening"])
@@ -651,7 +655,6 @@ def run_dev_positive_rate(
             run = _run_rain(engine, prompt, "positive", cfg)
             runs[k].append(run)
             flags[k].append(judge.is_positive(run["text"]))
-            texts[k].append(run["text"])
         _log(f"dev #{i} ({item['id']}): " + ", ".join(f"k={k} {flags[k][-1]}" for k in ks))
     out: dict[str, Any] = {
         "split": "dev",
@@ -670,15 +673,10 @@ def run_dev_positive_rate(
             "same_verdict_as_first": sum(a == b for a, b in zip(flags[k], base, strict=True)),
             # The same runs' work (passes and wall time per committed token, as
             # :func:`run_leaves` reports them), so quality and speed come from one run.
-            **{key: v for key, v in _leaves_summary(runs[k]).items() if key != "texts"},
             "forward_passes": _sum(runs[k], "forward_calls"),
-            "texts": texts[k],
+            **_leaves_summary(runs[k]),
         }
-    first = out[str(ks[0])]
-    for k in ks:
-        row = out[str(k)]
-        row["passes_ratio_vs_first"] = _ratio(first["passes_per_token"], row["passes_per_token"])
-        row["wall_ratio_vs_first"] = _ratio(first["s_per_token"], row["s_per_token"])
+    _add_ratios(out, ks)
     return out
 
 
